@@ -1,0 +1,72 @@
+# The handful of commands a person types. Each target creates what it needs.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+REFVENV ?= .venv-ref
+ZODB64 ?= .venv-zodb64
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+CERTS  ?= certs
+STORAGE ?= var/keys
+
+SOURCES := Cargo.toml pyproject.toml $(wildcard src/*.rs)
+
+.PHONY: test test-rust test-python serve certs bench lint fuzz clean
+
+## make test: build everything and run the whole suite (cargo test, pytest, conformance, differential)
+test: test-rust test-python
+
+test-rust:
+	cargo test --release --quiet
+
+test-python: $(VENV)/.built $(REFVENV)/.done $(ZODB64)/.built
+	$(PY) -m pytest $(PYTEST_ARGS)
+	$(ZODB64)/bin/python -m pytest tests/test_zodb64.py $(PYTEST_ARGS)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+
+$(VENV)/.built: $(VENV)/bin/python $(SOURCES)
+	$(VENV)/bin/pip install --quiet -e '.[test]'
+	touch $@
+
+# keas.kmi 3.3.0 with pycryptodome: the reference the differential tests and benchmarks run against.
+$(REFVENV)/.done:
+	$(PYTHON) -m venv $(REFVENV)
+	$(REFVENV)/bin/pip install --quiet 'keas.kmi==3.3.0' 'ZODB==6.3'
+	touch $@
+
+# ZODB 6.4 wraps __setstate__ errors in StateLoadError; a second environment covers it.
+$(ZODB64)/.built: $(VENV)/.built
+	test -x $(ZODB64)/bin/python || $(PYTHON) -m venv $(ZODB64)
+	$(ZODB64)/bin/pip install --quiet -e . pytest hypothesis 'ZODB==6.4' zope.testing
+	touch $@
+
+## make certs: a self-signed certificate and key for localhost (never committed)
+certs: $(CERTS)/sample.crt
+
+$(CERTS)/sample.crt:
+	mkdir -p $(CERTS)
+	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
+	  -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
+	  -keyout $(CERTS)/sample.key -out $(CERTS)/sample.crt 2>/dev/null
+	chmod 600 $(CERTS)/sample.key
+	cp $(CERTS)/sample.crt sample.crt
+
+## make serve: the key server on https://localhost:8080, in the foreground (Ctrl-C stops it)
+# Address, TLS files, workers and the key directory come from $(SERVER_INI);
+# HOST=... or PORT=... on the command line override its address.
+SERVER_INI ?= server.ini
+SERVE_ARGS = $(if $(filter-out file default,$(origin HOST)),--host $(HOST)) \
+             $(if $(filter-out file default,$(origin PORT)),--port $(PORT))
+
+serve: $(VENV)/.built certs
+	$(PY) -m keas.kmi.wsgi $(strip $(SERVER_INI) $(SERVE_ARGS))
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets --features python -- -D warnings
+
+clean:
+	rm -rf $(VENV) $(ZODB64) python/keas/kmi/*.so

@@ -1,0 +1,425 @@
+//! The data cipher: AES-256-CBC under a key derived from the DEK, for strings
+//! (PKCS#7, caller-supplied IV) and for the chunked file stream format.
+
+use aes::Aes256;
+use cbc::cipher::array::Array;
+use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
+use md5::{Digest, Md5};
+use zeroize::Zeroizing;
+
+use crate::errors::{KmiError, KmiResult};
+
+pub const BLOCK: usize = 16;
+/// File stream header: original size (`<Q`) and the random IV.
+pub const FILE_HEADER: usize = 8 + BLOCK;
+
+type Block = Array<u8, aes::cipher::consts::U16>;
+
+/// The 32-byte AES key: `md5(dek+salt) + md5(md5(dek+salt) + dek + salt)`.
+pub fn derive_cipher_key(dek: &[u8], salt: &[u8]) -> KmiResult<Zeroizing<[u8; 32]>> {
+    if salt.len() != 8 {
+        return Err(KmiError::BadArgument(format!(
+            "_bytesToKeySalt must be 8 bytes, not {}",
+            salt.len()
+        )));
+    }
+    let d1: [u8; 16] = Md5::new()
+        .chain_update(dek)
+        .chain_update(salt)
+        .finalize()
+        .into();
+    let d2: [u8; 16] = Md5::new()
+        .chain_update(d1)
+        .chain_update(dek)
+        .chain_update(salt)
+        .finalize()
+        .into();
+    let mut key = Zeroizing::new([0u8; 32]);
+    key[..16].copy_from_slice(&d1);
+    key[16..].copy_from_slice(&d2);
+    Ok(key)
+}
+
+fn as_blocks(buf: &[u8]) -> &[Block] {
+    Block::slice_as_chunks(buf).0
+}
+
+fn as_blocks_mut(buf: &mut [u8]) -> &mut [Block] {
+    Block::slice_as_chunks_mut(buf).0
+}
+
+fn iv_block(iv: &[u8]) -> KmiResult<Block> {
+    Block::try_from(iv).map_err(|_| {
+        KmiError::BadArgument(format!(
+            "initializationVector must be 16 bytes, not {}",
+            iv.len()
+        ))
+    })
+}
+
+/// An expanded AES-256 key: expensive to build, cheap to clone, zeroized on drop.
+#[derive(Clone)]
+pub struct DataCipher {
+    aes: Aes256,
+}
+
+impl DataCipher {
+    pub fn new(key: &[u8; 32]) -> Self {
+        DataCipher {
+            aes: Aes256::new(key.into()),
+        }
+    }
+
+    fn encryptor(&self, iv: &Block) -> cbc::Encryptor<Aes256> {
+        cbc::Encryptor::inner_iv_init(self.aes.clone(), iv)
+    }
+
+    fn decryptor(&self, iv: &Block) -> cbc::Decryptor<Aes256> {
+        cbc::Decryptor::inner_iv_init(self.aes.clone(), iv)
+    }
+
+    /// Length of `encrypt`'s output for `n` plaintext bytes (PKCS#7 always adds 1..=16).
+    pub fn padded_len(n: usize) -> usize {
+        (n / BLOCK + 1) * BLOCK
+    }
+
+    /// PKCS#7-pad and encrypt `plain` into `out`, which must be `padded_len(plain.len())` long.
+    pub fn encrypt_into(&self, iv: &[u8], plain: &[u8], out: &mut [u8]) -> KmiResult<()> {
+        let iv = iv_block(iv)?;
+        debug_assert_eq!(out.len(), Self::padded_len(plain.len()));
+        let full = plain.len() / BLOCK * BLOCK;
+        let pad = (out.len() - plain.len()) as u8;
+        let mut enc = self.encryptor(&iv);
+        enc.encrypt_blocks_b2b(as_blocks(&plain[..full]), as_blocks_mut(&mut out[..full]))
+            .expect("equal lengths");
+        let mut last = Block::default();
+        last[..plain.len() - full].copy_from_slice(&plain[full..]);
+        last[plain.len() - full..].fill(pad);
+        enc.encrypt_block(&mut last);
+        out[full..].copy_from_slice(&last);
+        Ok(())
+    }
+
+    pub fn encrypt(&self, iv: &[u8], plain: &[u8]) -> KmiResult<Vec<u8>> {
+        let mut out = vec![0u8; Self::padded_len(plain.len())];
+        self.encrypt_into(iv, plain, &mut out)?;
+        Ok(out)
+    }
+
+    /// Decrypt the last block alone to learn the plaintext length, checking
+    /// the ciphertext length and the PKCS#7 padding on the way.
+    pub fn plaintext_len(&self, iv: &[u8], data: &[u8]) -> KmiResult<usize> {
+        let last = self.last_block(iv, data)?;
+        let n = last[BLOCK - 1] as usize;
+        let padding_ok =
+            (1..=BLOCK).contains(&n) && last[BLOCK - n..].iter().all(|b| *b as usize == n);
+        if !padding_ok {
+            return Err(KmiError::bad_data(
+                "bad padding: the data is not encrypted with this key, or is corrupt",
+            ));
+        }
+        Ok(data.len() - n)
+    }
+
+    fn last_block(&self, iv: &[u8], data: &[u8]) -> KmiResult<Block> {
+        let iv = iv_block(iv)?;
+        if data.is_empty() || data.len() % BLOCK != 0 {
+            return Err(KmiError::bad_data(format!(
+                "ciphertext length {} is not a positive multiple of 16",
+                data.len()
+            )));
+        }
+        let full = data.len() - BLOCK;
+        let chain = if full == 0 {
+            iv
+        } else {
+            Block::try_from(&data[full - BLOCK..full]).expect("one block")
+        };
+        let mut last = Block::try_from(&data[full..]).expect("one block");
+        self.decryptor(&chain).decrypt_block(&mut last);
+        Ok(last)
+    }
+
+    /// Decrypt into `out`, which must be `plaintext_len(iv, data)` long, so the
+    /// plaintext is written once, straight into its final buffer.
+    pub fn decrypt_into(&self, iv: &[u8], data: &[u8], out: &mut [u8]) -> KmiResult<()> {
+        let last = self.last_block(iv, data)?;
+        let full = data.len() - BLOCK;
+        debug_assert!(out.len() >= full && out.len() <= data.len());
+        self.decryptor(&iv_block(iv)?)
+            .decrypt_blocks_b2b(as_blocks(&data[..full]), as_blocks_mut(&mut out[..full]))
+            .expect("equal lengths");
+        let rest = out.len() - full;
+        out[full..].copy_from_slice(&last[..rest]);
+        Ok(())
+    }
+
+    pub fn decrypt(&self, iv: &[u8], data: &[u8]) -> KmiResult<Vec<u8>> {
+        let mut out = vec![0u8; self.plaintext_len(iv, data)?];
+        self.decrypt_into(iv, data, &mut out)?;
+        Ok(out)
+    }
+
+    pub fn file_encryptor(&self, iv: &[u8]) -> KmiResult<FileEncryptor> {
+        Ok(FileEncryptor {
+            mode: self.encryptor(&iv_block(iv)?),
+            tail: Vec::with_capacity(BLOCK),
+            size: 0,
+        })
+    }
+
+    /// A decryptor for a stream whose 24-byte header has been read.
+    pub fn file_decryptor(&self, header: &[u8]) -> KmiResult<FileDecryptor> {
+        if header.len() != FILE_HEADER {
+            return Err(KmiError::bad_data(format!(
+                "encrypted file is truncated: {} of {FILE_HEADER} header bytes",
+                header.len()
+            )));
+        }
+        let size = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
+        Ok(FileDecryptor {
+            mode: self.decryptor(&iv_block(&header[8..])?),
+            size,
+            written: 0,
+            tail: Vec::with_capacity(BLOCK),
+        })
+    }
+}
+
+/// Streaming encryption for the file format: whole blocks as they come, the
+/// final partial block padded with spaces.
+pub struct FileEncryptor {
+    mode: cbc::Encryptor<Aes256>,
+    tail: Vec<u8>,
+    size: u64,
+}
+
+impl FileEncryptor {
+    /// Encrypt as much of `data` as makes whole blocks, appending ciphertext to `out`.
+    pub fn update(&mut self, mut data: &[u8], out: &mut Vec<u8>) {
+        self.size += data.len() as u64;
+        if !self.tail.is_empty() {
+            let take = (BLOCK - self.tail.len()).min(data.len());
+            self.tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.tail.len() < BLOCK {
+                return;
+            }
+            let mut block = Block::try_from(&self.tail[..]).expect("one block");
+            self.mode.encrypt_block(&mut block);
+            out.extend_from_slice(&block);
+            self.tail.clear();
+        }
+        let full = data.len() / BLOCK * BLOCK;
+        let start = out.len();
+        out.resize(start + full, 0);
+        self.mode
+            .encrypt_blocks_b2b(as_blocks(&data[..full]), as_blocks_mut(&mut out[start..]))
+            .expect("equal lengths");
+        self.tail.extend_from_slice(&data[full..]);
+    }
+
+    /// Pad the last partial block with spaces; returns the plaintext size for the header.
+    pub fn finish(mut self, out: &mut Vec<u8>) -> u64 {
+        if !self.tail.is_empty() {
+            self.tail.resize(BLOCK, b' ');
+            let mut block = Block::try_from(&self.tail[..]).expect("one block");
+            self.mode.encrypt_block(&mut block);
+            out.extend_from_slice(&block);
+        }
+        self.size
+    }
+}
+
+/// Streaming decryption for the file format. It holds back the final block
+/// until the end of the stream so that it can check the length and the padding.
+pub struct FileDecryptor {
+    mode: cbc::Decryptor<Aes256>,
+    size: u64,
+    written: u64,
+    tail: Vec<u8>,
+}
+
+impl FileDecryptor {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    fn padded_size(&self) -> u64 {
+        self.size.div_ceil(BLOCK as u64) * BLOCK as u64
+    }
+
+    /// Decrypt whole blocks of `data`, appending at most the declared size of plaintext to `out`.
+    pub fn update(&mut self, mut data: &[u8], out: &mut Vec<u8>) -> KmiResult<()> {
+        if !self.tail.is_empty() {
+            let take = (BLOCK - self.tail.len()).min(data.len());
+            self.tail.extend_from_slice(&data[..take]);
+            data = &data[take..];
+            if self.tail.len() < BLOCK {
+                return Ok(());
+            }
+            let block = std::mem::take(&mut self.tail);
+            self.decrypt_blocks(&block, out)?;
+            self.tail = block;
+            self.tail.clear();
+        }
+        let full = data.len() / BLOCK * BLOCK;
+        self.decrypt_blocks(&data[..full], out)?;
+        self.tail.extend_from_slice(&data[full..]);
+        Ok(())
+    }
+
+    fn decrypt_blocks(&mut self, data: &[u8], out: &mut Vec<u8>) -> KmiResult<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        let seen = self.written.div_ceil(BLOCK as u64) * BLOCK as u64;
+        if seen + data.len() as u64 > self.padded_size() {
+            return Err(KmiError::bad_data(format!(
+                "encrypted file is longer than its header's size of {} bytes (corrupt or not this format)",
+                self.size
+            )));
+        }
+        let start = out.len();
+        out.resize(start + data.len(), 0);
+        self.mode
+            .decrypt_blocks_b2b(as_blocks(data), as_blocks_mut(&mut out[start..]))
+            .expect("equal lengths");
+        let keep = (self.size - self.written).min(data.len() as u64) as usize;
+        let pad = &out[start + keep..];
+        if !pad.iter().all(|b| *b == b' ') {
+            out.truncate(start);
+            return Err(KmiError::bad_data(
+                "encrypted file has bad padding: wrong key, or corrupt",
+            ));
+        }
+        out.truncate(start + keep);
+        self.written += keep as u64;
+        Ok(())
+    }
+
+    /// Check that the stream ended exactly where its header said.
+    pub fn finish(self) -> KmiResult<()> {
+        if !self.tail.is_empty() {
+            return Err(KmiError::bad_data(format!(
+                "encrypted file is truncated: {} stray bytes after the last whole block",
+                self.tail.len()
+            )));
+        }
+        if self.written != self.size {
+            return Err(KmiError::bad_data(format!(
+                "encrypted file is truncated: {} of {} bytes present",
+                self.written, self.size
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const IV: &[u8] = b"0123456789ABCDEF";
+
+    fn cipher() -> DataCipher {
+        DataCipher::new(&derive_cipher_key(b"some dek", b"12345678").unwrap())
+    }
+
+    #[test]
+    fn derived_key_matches_the_formula() {
+        let k = derive_cipher_key(b"dek", b"12345678").unwrap();
+        let d1: [u8; 16] = Md5::digest(b"dek12345678").into();
+        let mut second = d1.to_vec();
+        second.extend_from_slice(b"dek12345678");
+        let d2: [u8; 16] = Md5::digest(&second).into();
+        assert_eq!(&k[..16], &d1);
+        assert_eq!(&k[16..], &d2);
+        assert!(derive_cipher_key(b"dek", b"short").is_err());
+    }
+
+    #[test]
+    fn matches_openssl_aes_256_cbc() {
+        // printf 'Stephan Richter' | openssl enc -aes-256-cbc -K 00..1f -iv 30..46 | xxd -p
+        let key: [u8; 32] = core::array::from_fn(|i| i as u8);
+        let c = DataCipher::new(&key)
+            .encrypt(IV, b"Stephan Richter")
+            .unwrap();
+        assert_eq!(hex::encode(&c), "8d231279e1fa7ac07fdc1384a4aa22ce");
+    }
+
+    #[test]
+    fn string_round_trip_and_lengths() {
+        let c = cipher();
+        for n in 0..70 {
+            let plain: Vec<u8> = (0..n as u8).collect();
+            let enc = c.encrypt(IV, &plain).unwrap();
+            assert_eq!(enc.len(), 16 * (n / 16 + 1));
+            assert_eq!(c.decrypt(IV, &enc).unwrap(), plain);
+        }
+    }
+
+    #[test]
+    fn bad_ciphertexts_are_errors() {
+        let c = cipher();
+        assert!(c.decrypt(IV, b"").is_err());
+        assert!(c.decrypt(IV, &[0u8; 15]).is_err());
+        let enc = c.encrypt(IV, b"hello").unwrap();
+        let mut bad = enc.clone();
+        bad[15] ^= 1;
+        assert!(c.decrypt(IV, &bad).is_err());
+    }
+
+    fn encrypt_stream(c: &DataCipher, data: &[u8], piece: usize) -> Vec<u8> {
+        let mut e = c.file_encryptor(IV).unwrap();
+        let mut out = Vec::new();
+        for chunk in data.chunks(piece.max(1)) {
+            e.update(chunk, &mut out);
+        }
+        let size = e.finish(&mut out);
+        let mut file = size.to_le_bytes().to_vec();
+        file.extend_from_slice(IV);
+        file.extend_from_slice(&out);
+        file
+    }
+
+    fn decrypt_stream(c: &DataCipher, file: &[u8], piece: usize) -> KmiResult<Vec<u8>> {
+        let mut d = c.file_decryptor(&file[..FILE_HEADER.min(file.len())])?;
+        let mut out = Vec::new();
+        for chunk in file[FILE_HEADER..].chunks(piece.max(1)) {
+            d.update(chunk, &mut out)?;
+        }
+        d.finish()?;
+        Ok(out)
+    }
+
+    #[test]
+    fn file_stream_is_independent_of_read_sizes() {
+        let c = cipher();
+        let data: Vec<u8> = (0..1000u32).map(|i| (i * 7) as u8).collect();
+        for len in [0, 1, 15, 16, 17, 999, 1000] {
+            let reference = encrypt_stream(&c, &data[..len], 1 << 20);
+            assert_eq!(reference.len(), FILE_HEADER + len.div_ceil(16) * 16);
+            for piece in [1, 5, 16, 33] {
+                assert_eq!(encrypt_stream(&c, &data[..len], piece), reference);
+                assert_eq!(decrypt_stream(&c, &reference, piece).unwrap(), &data[..len]);
+            }
+        }
+    }
+
+    #[test]
+    fn damaged_file_streams_are_errors() {
+        let c = cipher();
+        let file = encrypt_stream(&c, b"some file content", 7);
+        assert!(decrypt_stream(&c, &file[..file.len() - 1], 5).is_err());
+        assert!(decrypt_stream(&c, &file[..file.len() - 16], 5).is_err());
+        let mut longer = file.clone();
+        longer.extend_from_slice(&[0u8; 16]);
+        assert!(decrypt_stream(&c, &longer, 5).is_err());
+        let mut bad = file.clone();
+        let last = bad.len() - 1;
+        bad[last] ^= 0x55;
+        assert!(decrypt_stream(&c, &bad, 5).is_err());
+        assert!(c.file_decryptor(&file[..10]).is_err());
+    }
+}

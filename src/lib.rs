@@ -1,0 +1,12 @@
+//! keas.kmi's core: KEKs, DEKs, the data cipher and the key store, in plain
+//! Rust; `python` holds the pyo3 bindings that `keas.kmi._kmi` exposes.
+
+pub mod cipher;
+pub mod errors;
+pub mod facility;
+pub mod kek;
+pub mod pem;
+pub mod store;
+
+#[cfg(feature = "python")]
+mod python;
