@@ -155,7 +155,7 @@ impl Facility {
                 return Ok(Some(c.clone()));
             }
         }
-        let cipher = Arc::new(DataCipher::new(&derive_cipher_key(&entry.dek, salt)?));
+        let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(&entry.dek, salt)?));
         entry.cipher = Some((salt.to_vec(), cipher.clone()));
         Ok(Some(cipher))
     }
@@ -172,7 +172,7 @@ impl Facility {
             return Ok((cipher, None));
         }
         let (dek, fetched) = self.dek(kek, policy)?;
-        let cipher = Arc::new(DataCipher::new(&derive_cipher_key(&dek, salt)?));
+        let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(&dek, salt)?));
         if let Some(entry) = self.deks().get_mut(kek) {
             entry.cipher = Some((salt.to_vec(), cipher.clone()));
         }
