@@ -1,0 +1,232 @@
+"""The key management server as a WSGI application, and a launcher for it.
+
+``application_factory`` is the PasteDeploy entry point (``egg:keas.kmi``): it
+routes ``GET /``, ``POST /new`` and ``POST /key`` to the views in
+``keas.kmi.rest`` and turns everything that goes wrong into a short plain-text
+answer. ``python -m keas.kmi.wsgi server.ini`` serves it with gunicorn using the
+``[server:main]`` settings of the file (what ``make serve`` runs).
+"""
+import argparse
+import configparser
+import errno
+import hashlib
+import logging
+import os
+import stat
+import sys
+
+from webob import Request
+from webob import Response
+
+from keas.kmi import rest
+
+log = logging.getLogger('kmi')
+
+# A KEK is a PEM-armoured RSA key: a few KiB even for 16384-bit keys.
+MAX_KEK_SIZE = 64 * 1024
+
+
+def key_name(kek):
+    """The name the storage directory knows a KEK by: md5 hex of its bytes."""
+    return hashlib.md5(kek, usedforsecurity=False).hexdigest()
+
+
+def _plain(status, text, headers=()):
+    return Response(
+        body=text.encode('ascii'),
+        status=status,
+        headerlist=[('Content-Type', 'text/plain'), *headers],
+    )
+
+
+class KeyManagementApplication:
+    """Routes requests to the REST views of one facility."""
+
+    # path -> (methods, view); HEAD follows GET, webob drops the body.
+    routes = {
+        '/': (('GET', 'HEAD'), rest.get_status),
+        '/new': (('POST',), rest.create_key),
+        '/key': (('POST',), rest.get_key),
+    }
+
+    def __init__(self, facility, max_kek_size=MAX_KEK_SIZE):
+        self.facility = facility
+        self.max_kek_size = max_kek_size
+
+    def __call__(self, environ, start_response):
+        request = Request(environ)
+        try:
+            response = self.handle(request)
+        except Exception:
+            # The traceback goes to the log, never to the client.
+            log.exception(
+                'internal error on %s %s from %s',
+                request.method, request.path_info, request.remote_addr,
+            )
+            response = _plain(500, 'Internal server error')
+        return response(environ, start_response)
+
+    def handle(self, request):
+        route = self.routes.get(request.path_info)
+        if route is None:
+            return _plain(404, 'Not found')
+        methods, view = route
+        if request.method not in methods:
+            return _plain(405, 'Method not allowed', [('Allow', ', '.join(methods))])
+        if view is rest.create_key:
+            return self.create_key(request)
+        if view is rest.get_key:
+            return self.get_key(request)
+        return view(self.facility, request)
+
+    def create_key(self, request):
+        try:
+            response = rest.create_key(self.facility, request)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            log.error(
+                'cannot create a key for %s: no space left on the key storage (%s)',
+                request.remote_addr, error,
+            )
+            return _plain(503, 'Key storage is full', [('Retry-After', '3600')])
+        log.info('created key %s for %s', key_name(response.body), request.remote_addr)
+        return response
+
+    def get_key(self, request):
+        kek = self.read_kek(request)
+        if kek is None:
+            log.warning(
+                'refused a key request from %s: body larger than %d bytes',
+                request.remote_addr, self.max_kek_size,
+            )
+            return _plain(413, 'Request body too large', [('Connection', 'close')])
+        request.body = kek
+        response = rest.get_key(self.facility, request)
+        outcome = {200: 'sent', 404: 'not found', 400: 'invalid KEK'}.get(
+            response.status_code, response.status
+        )
+        log.info(
+            'data key %s for %s: %s', key_name(kek), request.remote_addr, outcome
+        )
+        return response
+
+    def read_kek(self, request):
+        """The request body, or None when it is longer than a KEK can be."""
+        limit = self.max_kek_size
+        body = request.body_file_raw
+        length = request.content_length
+        if length is not None:
+            if length > limit:
+                return None
+            return body.read(length)
+        if request.environ.get('wsgi.input_terminated'):
+            # A chunked body: the server ends the stream, we cap the read.
+            data = body.read(limit + 1)
+            return None if len(data) > limit else data
+        return b''
+
+
+def make_storage_dir(path):
+    """Create the key directory readable by its owner alone, or check it."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    mode = stat.S_IMODE(os.stat(path).st_mode)
+    if mode & 0o077:
+        log.warning(
+            'key storage %s is accessible to other users (mode %o)', path, mode
+        )
+
+
+def application_factory(global_config, **settings):
+    """PasteDeploy ``paste.app_factory``: the server for ``storage-dir``."""
+    from keas.kmi.facility import KeyManagementFacility
+
+    try:
+        storage_dir = settings['storage-dir']
+    except KeyError:
+        raise ValueError('keas.kmi: the setting storage-dir is required') from None
+    storage_dir = os.path.abspath(storage_dir)
+    make_storage_dir(storage_dir)
+    log.info('key storage: %s', storage_dir)
+    return KeyManagementApplication(KeyManagementFacility(storage_dir))
+
+
+# The launcher ---------------------------------------------------------------
+#
+# `gunicorn --paste server.ini` reads only the application from the file and
+# ignores [server:main] (address, TLS), and PasteDeploy's own server loading
+# builds the application once in the master process before gunicorn forks.
+# This launcher takes the gunicorn settings from [server:main] and lets each
+# worker load the application, exactly as `gunicorn --paste` does.
+
+
+def server_settings(config_file, host=None, port=None):
+    """The gunicorn settings of the file's ``[server:main]`` section."""
+    from paste.deploy import loadwsgi
+
+    context = loadwsgi.loadcontext(loadwsgi.SERVER, 'config:' + config_file)
+    settings = dict(context.local_conf)
+    # gunicorn's own PasteDeploy runner turns host and port into bind, too.
+    host = host or settings.pop('host', None)
+    port = port or settings.pop('port', None)
+    for name in ('host', 'port'):
+        settings.pop(name, None)
+    if host and port:
+        settings['bind'] = '%s:%s' % (host, port)
+    elif host or port:
+        raise ValueError('[server:main] needs both host and port')
+    return settings
+
+
+def has_logging_config(config_file):
+    parser = configparser.ConfigParser()
+    parser.read(config_file)
+    return parser.has_section('loggers')
+
+
+def serve(config_file, host=None, port=None):
+    """Run gunicorn in the foreground with the settings in ``config_file``."""
+    from gunicorn.app.base import BaseApplication
+    from paste.deploy import loadapp
+
+    config_file = os.path.abspath(config_file)
+    settings = server_settings(config_file, host, port)
+
+    class Server(BaseApplication):
+        def load_config(self):
+            self.cfg.set('default_proc_name', 'kmi: ' + config_file)
+            if has_logging_config(config_file):
+                self.cfg.set('logconfig', config_file)
+            for name, value in settings.items():
+                self.cfg.set(name.lower().replace('-', '_'), value)
+
+        def load(self):
+            return loadapp('config:' + config_file)
+
+    Server().run()
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='python -m keas.kmi.wsgi',
+        description='Serve the key management server with gunicorn, using the '
+        '[app:main] and [server:main] sections of a PasteDeploy file.',
+    )
+    parser.add_argument('config', help='the .ini file, e.g. server.ini')
+    parser.add_argument('--host', help='listen on this address instead')
+    parser.add_argument('--port', help='listen on this port instead')
+    args = parser.parse_args(argv)
+    if not os.path.exists(args.config):
+        parser.error('%s: no such file' % args.config)
+    try:
+        serve(args.config, args.host, args.port)
+    except (AttributeError, LookupError, ValueError) as error:
+        # Unknown gunicorn settings or a broken [server:main] section.
+        parser.exit(1, '%s: %s\n' % (args.config, error))
+
+
+if __name__ == '__main__':
+    # Run the imported module's main, not a second copy of this file's code.
+    from keas.kmi.wsgi import main as _main
+
+    sys.exit(_main())
