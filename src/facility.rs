@@ -117,7 +117,10 @@ impl Facility {
         let wrapped = self.store.get(&name)?;
         let key = Kek::from_pem(kek, policy.passphrase)?;
         let lengths = [key.bits() / 16, policy.dek_length];
-        let dek = key.unwrap_dek(&wrapped, &lengths)?;
+        let dek = key.unwrap_dek(&wrapped, &lengths).map_err(|e| match e {
+            KmiError::BadData(m) => KmiError::BadData(format!("{name}.dek: {m}")),
+            other => other,
+        })?;
         self.remember(kek, name.clone(), now(), dek.clone());
         Ok((dek, Some(name)))
     }
