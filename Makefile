@@ -34,7 +34,7 @@ $(VENV)/.built: $(VENV)/bin/python $(SOURCES)
 # keas.kmi 3.3.0 with pycryptodome: the reference the differential tests and benchmarks run against.
 $(REFVENV)/.done:
 	$(PYTHON) -m venv $(REFVENV)
-	$(REFVENV)/bin/pip install --quiet 'keas.kmi==3.3.0' 'ZODB==6.3'
+	$(REFVENV)/bin/pip install --quiet 'keas.kmi==3.3.0' 'ZODB==6.3' zope.component
 	touch $@
 
 # ZODB 6.4 wraps __setstate__ errors in StateLoadError; a second environment covers it.
