@@ -70,3 +70,9 @@ lint:
 
 clean:
 	rm -rf $(VENV) $(ZODB64) python/keas/kmi/*.so
+
+## make bench: ours against keas.kmi 3.3.0, alternating, with targets (BENCH_QUICK=1: a smoke run)
+# Writes benchmarks/results/<date>-<short sha>.txt; scratch files go to benchmarks/work/.
+bench: $(VENV)/.built $(REFVENV)/.done
+	test -x $(REFVENV)/bin/gunicorn || $(REFVENV)/bin/pip install --quiet gunicorn
+	VENV=$(VENV) REFVENV=$(REFVENV) BENCH_QUICK=$(BENCH_QUICK) $(PY) benchmarks/bench.py

@@ -56,7 +56,12 @@ impl From<KmiError> for pyo3::PyErr {
                 PyValueError::new_err(m)
             }
             KmiError::NotFound(name) => PyKeyError::new_err(name),
-            KmiError::Io(e) => e.into(),
+            // OSError(errno, text) lets Python pick the subclass and keeps
+            // errno, which callers test (ENOSPC becomes 503 in the server).
+            KmiError::Io(e) => match e.raw_os_error() {
+                Some(code) => pyo3::exceptions::PyOSError::new_err((code, e.to_string())),
+                None => e.into(),
+            },
         }
     }
 }

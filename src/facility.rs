@@ -121,14 +121,21 @@ impl Facility {
             KmiError::BadData(m) => KmiError::BadData(format!("{name}.dek: {m}")),
             other => other,
         })?;
-        self.remember(kek, name.clone(), now(), dek.clone());
+        self.remember(kek, name.clone(), now(), dek.clone(), policy.timeout);
         Ok((dek, Some(name)))
     }
 
-    fn remember(&self, kek: &[u8], name: String, fetched: f64, dek: Zeroizing<Vec<u8>>) {
+    fn remember(
+        &self,
+        kek: &[u8],
+        name: String,
+        fetched: f64,
+        dek: Zeroizing<Vec<u8>>,
+        timeout: f64,
+    ) {
         let mut deks = self.deks();
         if deks.len() >= self.max_cached && !deks.contains_key(kek) {
-            evict(&mut deks, self.max_cached);
+            evict(&mut deks, self.max_cached, fetched - timeout);
         }
         deks.insert(
             kek.into(),
@@ -199,9 +206,18 @@ impl Facility {
     }
 }
 
-/// Make room for one entry: drop expired-looking old entries first (the
-/// oldest half by fetch time), so a full cache never grows past its bound.
-fn evict<S: std::hash::BuildHasher>(deks: &mut HashMap<Box<[u8]>, CachedDek, S>, max: usize) {
+/// Make room in a full cache: drop the entries fetched before `expired_before`,
+/// and if that frees nothing, the older half. The dropped DEKs and cipher keys
+/// are zeroized as they go.
+fn evict<S: std::hash::BuildHasher>(
+    deks: &mut HashMap<Box<[u8]>, CachedDek, S>,
+    max: usize,
+    expired_before: f64,
+) {
+    deks.retain(|_, e| e.fetched > expired_before);
+    if deks.len() < max {
+        return;
+    }
     let mut times: Vec<f64> = deks.values().map(|e| e.fetched).collect();
     times.sort_by(|a, b| a.total_cmp(b));
     let cutoff = times[(max / 2).min(times.len() - 1)];
@@ -274,10 +290,23 @@ mod tests {
                 format!("n{i}"),
                 i as f64 + now(),
                 Zeroizing::new(vec![i]),
+                3600.0,
             );
             assert!(f.deks().len() <= 4);
         }
         assert!(f.deks().contains_key(&[19u8][..]));
+        // Expired entries go first: a short timeout frees everything older.
+        let g = Facility::open(&dir, 2).unwrap();
+        g.remember(b"a", "a".into(), now(), Zeroizing::new(vec![0]), 3600.0);
+        g.remember(b"b", "b".into(), now(), Zeroizing::new(vec![0]), 3600.0);
+        g.remember(
+            b"c",
+            "c".into(),
+            now() + 100.0,
+            Zeroizing::new(vec![0]),
+            1.0,
+        );
+        assert_eq!(g.cached_deks().len(), 1);
         assert_eq!(f.forget(Some("n19")), 1);
         f.forget(None);
         assert!(f.cached_deks().is_empty());

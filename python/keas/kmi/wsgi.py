@@ -42,11 +42,11 @@ def _plain(status, text, headers=()):
 class KeyManagementApplication:
     """Routes requests to the REST views of one facility."""
 
-    # path -> (methods, view); HEAD follows GET, webob drops the body.
+    # path -> (allowed methods, handler); HEAD is GET without the body.
     routes = {
-        '/': (('GET', 'HEAD'), rest.get_status),
-        '/new': (('POST',), rest.create_key),
-        '/key': (('POST',), rest.get_key),
+        '/': (('GET', 'HEAD'), 'status'),
+        '/new': (('POST',), 'create_key'),
+        '/key': (('POST',), 'get_key'),
     }
 
     def __init__(self, facility, max_kek_size=MAX_KEK_SIZE):
@@ -70,14 +70,13 @@ class KeyManagementApplication:
         route = self.routes.get(request.path_info)
         if route is None:
             return _plain(404, 'Not found')
-        methods, view = route
+        methods, handler = route
         if request.method not in methods:
             return _plain(405, 'Method not allowed', [('Allow', ', '.join(methods))])
-        if view is rest.create_key:
-            return self.create_key(request)
-        if view is rest.get_key:
-            return self.get_key(request)
-        return view(self.facility, request)
+        return getattr(self, handler)(request)
+
+    def status(self, request):
+        return rest.get_status(self.facility, request)
 
     def create_key(self, request):
         try:
@@ -89,7 +88,7 @@ class KeyManagementApplication:
                 'cannot create a key for %s: no space left on the key storage (%s)',
                 request.remote_addr, error,
             )
-            return _plain(503, 'Key storage is full', [('Retry-After', '3600')])
+            return _plain(503, 'Key storage is full')
         log.info('created key %s for %s', key_name(response.body), request.remote_addr)
         return response
 

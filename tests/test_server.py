@@ -1,0 +1,709 @@
+"""End to end: gunicorn serving the key server over TLS on 127.0.0.1.
+
+The servers are real processes (`python -m gunicorn --paste ...`, and the
+`make serve` launcher); they are driven with wget and curl as the README does,
+with the testclient command, and with LocalKeyManagementFacility. A test CA,
+made with the openssl command, signs the server and client certificates.
+"""
+import concurrent.futures
+import hashlib
+import http.client
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from keas.kmi import wsgi
+from keas.kmi.facility import KeyManagementFacility
+from keas.kmi.facility import LocalKeyManagementFacility
+
+REPO = Path(__file__).resolve().parent.parent
+START_TIMEOUT = 60  # seconds for a server to answer its first request
+CALL_TIMEOUT = 60  # seconds for one command or request
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which('openssl') is None, reason='needs the openssl command'),
+    pytest.mark.skipif(
+        not all(importlib.util.find_spec(name) for name in ('gunicorn', 'paste')),
+        reason='needs gunicorn and PasteDeploy (the test or server extra)'),
+]
+
+# The ini a test server loads: the application and a `kmi` log with pids.
+APP_INI = """\
+[app:main]
+use = egg:keas.kmi
+storage-dir = {storage}
+
+[loggers]
+keys = root, kmi
+
+[handlers]
+keys = console
+
+[formatters]
+keys = generic
+
+[logger_root]
+level = WARNING
+handlers = console
+
+[logger_kmi]
+level = INFO
+handlers =
+qualname = kmi
+
+[handler_console]
+class = StreamHandler
+args = (sys.stderr,)
+formatter = generic
+
+[formatter_generic]
+format = %(process)d %(levelname)s [%(name)s] %(message)s
+"""
+
+
+def md5hex(data):
+    return hashlib.md5(data).hexdigest()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def openssl(*args, cwd):
+    subprocess.run(['openssl', *args], cwd=cwd, check=True, capture_output=True,
+                   timeout=CALL_TIMEOUT)
+
+
+# Certificates -----------------------------------------------------------------
+
+LEAF_EXTENSIONS = """\
+basicConstraints = critical,CA:FALSE
+keyUsage = critical,digitalSignature,keyEncipherment
+extendedKeyUsage = {usage}
+authorityKeyIdentifier = keyid
+subjectKeyIdentifier = hash
+{extra}
+"""
+
+
+def self_signed(folder, name, subject, *extra):
+    openssl('req', '-x509', '-newkey', 'rsa:2048', '-nodes', '-days', '2',
+            '-subj', subject, '-keyout', name + '.key', '-out', name + '.crt', *extra,
+            cwd=folder)
+    return str(folder / (name + '.crt')), str(folder / (name + '.key'))
+
+
+def signed_by_ca(folder, name, subject, usage, extra='', serial=2):
+    (folder / (name + '.ext')).write_text(LEAF_EXTENSIONS.format(usage=usage, extra=extra))
+    openssl('req', '-new', '-newkey', 'rsa:2048', '-nodes', '-subj', subject,
+            '-keyout', name + '.key', '-out', name + '.csr', cwd=folder)
+    openssl('x509', '-req', '-in', name + '.csr', '-CA', 'ca.crt', '-CAkey', 'ca.key',
+            '-set_serial', str(serial), '-days', '2', '-out', name + '.crt',
+            '-extfile', name + '.ext', cwd=folder)
+    return str(folder / (name + '.crt')), str(folder / (name + '.key'))
+
+
+@pytest.fixture(scope='module')
+def pki(tmp_path_factory):
+    """A CA, a server certificate for localhost and a client one it signs,
+    and a stranger: a self-signed pair nobody trusts."""
+    folder = tmp_path_factory.mktemp('pki')
+    ca, ca_key = self_signed(folder, 'ca', '/CN=keas.kmi test CA',
+                             '-addext', 'keyUsage=critical,keyCertSign,cRLSign')
+    server = signed_by_ca(folder, 'server', '/CN=localhost', 'serverAuth',
+                          'subjectAltName = DNS:localhost,IP:127.0.0.1', serial=2)
+    client = signed_by_ca(folder, 'client', '/CN=kmi test client', 'clientAuth', serial=3)
+    stranger = self_signed(folder, 'stranger', '/CN=localhost',
+                           '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1')
+    return SimpleNamespace(dir=folder, ca=ca, server=server, client=client,
+                           stranger=stranger)
+
+
+def client_context(cafile, cert=None):
+    context = ssl.create_default_context(cafile=cafile)
+    if cert:
+        context.load_cert_chain(*cert)
+    return context
+
+
+# Servers ----------------------------------------------------------------------
+
+
+class Server:
+    """One gunicorn process tree, started in its own session so that it can
+    always be ended as a whole."""
+
+    def __init__(self, command, folder, port, context, cwd=None):
+        self.command = command
+        self.folder = folder
+        self.port = port
+        self.context = context
+        self.url = 'https://localhost:%d' % port
+        self.log_path = folder / 'server.log'
+        runtime = folder / 'run'
+        runtime.mkdir(exist_ok=True)
+        env = dict(os.environ)
+        for name in ('GUNICORN_CMD_ARGS', 'WEB_CONCURRENCY', 'PORT'):
+            env.pop(name, None)
+        # gunicorn >= 25 opens a control socket there; keep each instance's apart.
+        env['XDG_RUNTIME_DIR'] = str(runtime)
+        with open(self.log_path, 'wb') as log:
+            self.process = subprocess.Popen(
+                command, cwd=cwd or folder, env=env, stdin=subprocess.DEVNULL,
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+
+    def log(self):
+        return self.log_path.read_text(errors='replace')
+
+    def wait_ready(self):
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.process.poll() is not None:
+                pytest.fail('the server exited with %s:\n%s'
+                            % (self.process.returncode, self.log()))
+            try:
+                status, _ = self.request('GET', '/', timeout=5)
+                if status == 200:
+                    return
+            except (OSError, http.client.HTTPException):
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail('the server did not answer within %ds:\n%s'
+                            % (START_TIMEOUT, self.log()))
+            time.sleep(0.2)
+
+    def request(self, method, path, body=None, context=None, timeout=CALL_TIMEOUT):
+        conn = http.client.HTTPSConnection('127.0.0.1', self.port, timeout=timeout,
+                                           context=context or self.context)
+        try:
+            conn.request(method, path, body=body, headers={'Content-Type': 'text/plain'})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
+
+    def post(self, path, body=b''):
+        status, data = self.request('POST', path, body)
+        assert status == 200, (status, data)
+        return data
+
+    def stop(self):
+        if self.process.poll() is None:
+            # SIGINT: gunicorn's quick shutdown of the master and its workers.
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait(20)
+
+
+def gunicorn(folder, pki, storage, workers=1, extra=()):
+    """`python -m gunicorn --paste` with TLS given on the command line."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ini = folder / 'kms.ini'
+    ini.write_text(APP_INI.format(storage=storage))
+    port = free_port()
+    command = [
+        sys.executable, '-m', 'gunicorn', '--paste', str(ini),
+        '--bind', '127.0.0.1:%d' % port,
+        '--certfile', pki.server[0], '--keyfile', pki.server[1],
+        '--workers', str(workers), '--timeout', '120', *extra,
+    ]
+    return Server(command, folder, port, client_context(pki.ca, pki.client))
+
+
+@pytest.fixture(scope='module')
+def server(tmp_path_factory, pki):
+    """Two workers over one storage directory."""
+    folder = tmp_path_factory.mktemp('server')
+    srv = gunicorn(folder, pki, folder / 'keys', workers=2)
+    srv.storage = folder / 'keys'
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope='module')
+def mtls_server(tmp_path_factory, pki):
+    """A server that requires a client certificate signed by the test CA."""
+    folder = tmp_path_factory.mktemp('mtls')
+    srv = gunicorn(folder, pki, folder / 'keys',
+                   extra=['--ca-certs', pki.ca, '--cert-reqs', '2'])
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope='module')
+def twins(tmp_path_factory, pki):
+    """Two separate gunicorn instances over one storage directory."""
+    folder = tmp_path_factory.mktemp('twins')
+    storage = folder / 'keys'
+    first = gunicorn(folder / 'a', pki, storage)
+    try:
+        second = gunicorn(folder / 'b', pki, storage)
+    except BaseException:
+        first.stop()
+        raise
+    yield first, second
+    second.stop()
+    first.stop()
+
+
+def make_serve_command(ini, port):
+    """The command `make serve` runs, for another .ini file and port."""
+    if shutil.which('make') is None:
+        pytest.skip('needs make')
+    dry_run = subprocess.run(
+        ['make', '--no-print-directory', '-n', 'serve', 'PY=' + sys.executable,
+         'SERVER_INI=' + str(ini), 'PORT=%d' % port],
+        cwd=REPO, capture_output=True, text=True, check=True, timeout=CALL_TIMEOUT)
+    command = shlex.split(dry_run.stdout.strip().splitlines()[-1])
+    assert command[:3] == [sys.executable, '-m', 'keas.kmi.wsgi'], command
+    return command
+
+
+def launch_like_make_serve(folder, ini_text=None, client_cert=None):
+    """A copy of the repository's server.ini (or ``ini_text``) served by
+    `make serve`'s command, with a sample certificate made the way `make
+    certs` makes it, in ``folder``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    ini = folder / 'server.ini'
+    ini.write_text(ini_text or (REPO / 'server.ini').read_text())
+    (folder / 'certs').mkdir(exist_ok=True)
+    crt, key = self_signed(folder / 'certs', 'sample', '/CN=localhost',
+                           '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1')
+    shutil.copy(crt, folder / 'sample.crt')
+    port = free_port()
+    command = make_serve_command(ini, port)
+    return Server(command, folder, port, client_context(crt, client_cert), cwd=REPO)
+
+
+@pytest.fixture(scope='module')
+def launched(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('launched')
+    srv = launch_like_make_serve(folder)
+    yield srv
+    srv.stop()
+
+
+# Tools ------------------------------------------------------------------------
+
+
+def client_argv():
+    script = Path(sys.executable).parent / 'testclient'
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, '-m', 'keas.kmi.testclient']
+
+
+def run_testclient(*args, cwd):
+    result = subprocess.run([*client_argv(), *map(str, args)], cwd=cwd,
+                            capture_output=True, timeout=CALL_TIMEOUT)
+    return result.returncode, result.stdout, result.stderr.decode()
+
+
+def shell(command, cwd):
+    """A README line, run by the shell as a person would type it."""
+    env = dict(os.environ, PATH='%s%s%s' % (Path(sys.executable).parent, os.pathsep,
+                                            os.environ.get('PATH', '')))
+    return subprocess.run(command, shell=True, cwd=cwd, env=env, capture_output=True,
+                          timeout=CALL_TIMEOUT)
+
+
+def need(tool):
+    if shutil.which(tool) is None:
+        pytest.skip('needs %s' % tool)
+
+
+def wget_status(args, cwd):
+    """Run wget with its server response shown; return (exit, HTTP status, stderr)."""
+    need('wget')
+    result = subprocess.run(['wget', '-S', '--content-on-error', '--tries=1', '--timeout=30',
+                             *map(str, args)],
+                            cwd=cwd, capture_output=True, timeout=CALL_TIMEOUT)
+    err = result.stderr.decode(errors='replace')
+    codes = re.findall(r'HTTP/1\.[01] (\d{3})', err)
+    return result.returncode, int(codes[-1]) if codes else None, err
+
+
+def curl(args, cwd):
+    """Run curl; return (HTTP status, headers text, body bytes)."""
+    need('curl')
+    result = subprocess.run(
+        ['curl', '-sS', '-D', 'headers.txt', '-o', 'body.bin', '-w', '%{http_code}',
+         *map(str, args)], cwd=cwd, capture_output=True, timeout=CALL_TIMEOUT)
+    assert result.returncode == 0, result.stderr
+    return (int(result.stdout), (cwd / 'headers.txt').read_text(),
+            (cwd / 'body.bin').read_bytes())
+
+
+def closed_port():
+    return free_port()
+
+
+# The README, line by line, against `make serve`'s command ------------------------
+
+
+def readme(line, port):
+    return line.replace('https://localhost:8080', 'https://localhost:%d' % port)
+
+
+def test_make_serve_command_serves_tls_on_the_configured_port(launched):
+    context = ssl.create_default_context(cafile=str(launched.folder / 'sample.crt'))
+    with socket.create_connection(('127.0.0.1', launched.port), timeout=10) as raw:
+        with context.wrap_socket(raw, server_hostname='localhost') as tls:
+            served = tls.getpeercert(binary_form=True)
+    expected = ssl.PEM_cert_to_DER_cert((launched.folder / 'sample.crt').read_text())
+    assert served == expected
+    assert launched.request('GET', '/') == (200, b'KMS server holding 0 keys')
+
+
+def test_make_serve_command_refuses_plain_http(launched):
+    conn = http.client.HTTPConnection('127.0.0.1', launched.port, timeout=10)
+    with pytest.raises((OSError, http.client.HTTPException)):
+        conn.request('GET', '/')
+        conn.getresponse().read()
+    conn.close()
+
+
+def test_make_serve_creates_a_private_key_storage(launched):
+    storage = launched.folder / 'var' / 'keys'
+    assert storage.is_dir()
+    assert storage.stat().st_mode & 0o777 == 0o700
+
+
+def test_readme_wget_calls(launched):
+    need('wget')
+    cwd = launched.folder
+    new = shell(readme('wget https://localhost:8080/new -O kek.dat '
+                       '--ca-certificate sample.crt --post-data=""', launched.port), cwd)
+    assert new.returncode == 0, new.stderr
+    kek = (cwd / 'kek.dat').read_bytes()
+    assert kek.startswith(b'-----BEGIN RSA PRIVATE KEY-----')
+    assert (cwd / 'var' / 'keys' / (md5hex(kek) + '.dek')).exists()
+
+    key = shell(readme("wget https://localhost:8080/key --header 'Content-Type: text/plain' "
+                       '--post-file kek.dat -O datakey.dat --ca-certificate sample.crt',
+                       launched.port), cwd)
+    assert key.returncode == 0, key.stderr
+    dek = (cwd / 'datakey.dat').read_bytes()
+    assert len(dek) == 128
+    assert dek == KeyManagementFacility(str(cwd / 'var' / 'keys')).getEncryptionKey(kek)
+
+    status = shell('wget -qO- https://localhost:%d/ --ca-certificate sample.crt'
+                   % launched.port, cwd)
+    assert status.stdout.startswith(b'KMS server holding ')
+
+
+def test_readme_testclient_calls(launched):
+    cwd = launched.folder / 'client'
+    cwd.mkdir()
+    shutil.copy(launched.folder / 'sample.crt', cwd)
+    new = shell(readme('testclient https://localhost:8080 -n > kek.dat', launched.port), cwd)
+    assert new.returncode == 0, new.stderr
+    kek = (cwd / 'kek.dat').read_bytes()
+    assert kek.startswith(b'-----BEGIN RSA PRIVATE KEY-----')
+    get = shell(readme('testclient https://localhost:8080 -g kek.dat > datakey.dat',
+                       launched.port), cwd)
+    assert get.returncode == 0, get.stderr
+    storage = launched.folder / 'var' / 'keys'
+    assert (cwd / 'datakey.dat').read_bytes() == \
+        KeyManagementFacility(str(storage)).getEncryptionKey(kek)
+
+
+def test_launcher_logs_with_names_and_addresses_only(launched):
+    kek = launched.post('/new')
+    launched.post('/key', kek)
+    time.sleep(0.5)  # the log is written by another process
+    log = launched.log()
+    name = md5hex(kek)
+    assert re.search(r'\[kmi\] created key %s for 127\.0\.0\.1' % name, log)
+    assert re.search(r'\[kmi\] data key %s for 127\.0\.0\.1: sent' % name, log)
+    assert max(kek.splitlines(), key=len).decode() not in log
+    assert 'PRIVATE KEY' not in log
+
+
+def test_server_ini_settings():
+    settings = wsgi.server_settings(str(REPO / 'server.ini'))
+    assert settings['bind'] == '127.0.0.1:8080'
+    assert settings['certfile'] == str(REPO / 'certs' / 'sample.crt')
+    assert settings['keyfile'] == str(REPO / 'certs' / 'sample.key')
+    assert 'ca_certs' not in settings and 'cert_reqs' not in settings
+    moved = wsgi.server_settings(str(REPO / 'server.ini'), port='9443')
+    assert moved['bind'] == '127.0.0.1:9443'
+
+
+def test_launcher_reports_a_missing_or_incomplete_config(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit:
+        wsgi.main([str(tmp_path / 'missing.ini')])
+    assert exit.value.code == 2
+    ini = tmp_path / 'app-only.ini'
+    ini.write_text('[app:main]\nuse = egg:keas.kmi\nstorage-dir = keys\n')
+    with pytest.raises(SystemExit) as exit:
+        wsgi.main([str(ini)])
+    assert exit.value.code == 1
+    assert 'server' in capsys.readouterr().err
+
+
+def test_launcher_honours_mutual_tls_lines_of_server_ini(tmp_path, pki):
+    # What docs/server.md tells people to do: put the CA that signs the
+    # clients' certificates in certs/ca.crt and uncomment two lines.
+    text = (REPO / 'server.ini').read_text()
+    text, count = re.subn(r'(?m)^# (ca_certs|cert_reqs) = ', r'\1 = ', text)
+    assert count == 2
+    (tmp_path / 'certs').mkdir()
+    shutil.copy(pki.ca, tmp_path / 'certs' / 'ca.crt')
+    srv = launch_like_make_serve(tmp_path, text, client_cert=pki.client)
+    try:
+        assert srv.request('GET', '/')[0] == 200
+        anonymous = client_context(str(tmp_path / 'sample.crt'))
+        with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+            srv.request('GET', '/', context=anonymous)
+    finally:
+        srv.stop()
+
+
+# wget and curl: status codes ------------------------------------------------------
+
+
+def test_wget_unknown_kek_is_404(server, pki, tmp_path):
+    (tmp_path / 'unknown.dat').write_bytes(b'xxyz')
+    code, status, err = wget_status(
+        ['%s/key' % server.url, '--header', 'Content-Type: text/plain',
+         '--post-file', 'unknown.dat', '-O', 'out.dat', '--ca-certificate', pki.ca], tmp_path)
+    assert code != 0 and status == 404, err
+    assert (tmp_path / 'out.dat').read_bytes() == b'Key not found'
+
+
+def test_wget_get_new_is_405_and_creates_nothing(server, pki, tmp_path):
+    before = len(os.listdir(server.storage))
+    code, status, err = wget_status(['%s/new' % server.url, '-O', 'out.dat',
+                                     '--ca-certificate', pki.ca], tmp_path)
+    assert code != 0 and status == 405, err
+    assert 'Allow: POST' in err
+    assert len(os.listdir(server.storage)) == before
+
+
+def test_curl_get_key_is_405_with_allow(server, pki, tmp_path):
+    status, headers, body = curl(['--cacert', pki.ca, '%s/key' % server.url], tmp_path)
+    assert status == 405
+    assert re.search(r'(?im)^allow: POST\r?$', headers)
+
+
+def test_curl_unknown_path_is_404(server, pki, tmp_path):
+    status, headers, body = curl(['--cacert', pki.ca, '%s/nothing' % server.url], tmp_path)
+    assert status == 404
+
+
+def test_100_kib_body_is_413(server, pki, tmp_path):
+    (tmp_path / 'big.dat').write_bytes(os.urandom(100 * 1024))
+    status, headers, body = curl(['--cacert', pki.ca, '-H', 'Content-Type: text/plain',
+                                  '--data-binary', '@big.dat', '%s/key' % server.url],
+                                 tmp_path)
+    assert status == 413
+    code, status, err = wget_status(
+        ['%s/key' % server.url, '--header', 'Content-Type: text/plain',
+         '--post-file', 'big.dat', '-O', 'out.dat', '--ca-certificate', pki.ca], tmp_path)
+    assert status == 413, err
+
+
+def test_status_page_over_curl(server, pki, tmp_path):
+    status, headers, body = curl(['--cacert', pki.ca, server.url + '/'], tmp_path)
+    assert status == 200
+    assert re.search(r'(?im)^content-type: text/plain\r?$', headers)
+    assert re.fullmatch(rb'KMS server holding \d+ keys', body)
+
+
+# testclient against the real server ----------------------------------------------
+
+
+def test_testclient_every_option(server, pki, tmp_path):
+    ca = ['--ca-certificate', pki.ca]
+    code, out, err = run_testclient(server.url, *ca, cwd=tmp_path)
+    assert code == 0, err
+    assert re.fullmatch(rb'KMS server holding \d+ keys\n', out)
+
+    code, kek, err = run_testclient(server.url, *ca, '-n', cwd=tmp_path)
+    assert code == 0, err
+    (tmp_path / 'kek.dat').write_bytes(kek)
+    assert (server.storage / (md5hex(kek) + '.dek')).exists()
+
+    code, dek, err = run_testclient(server.url, *ca, '-g', 'kek.dat', cwd=tmp_path)
+    assert code == 0, err
+    assert dek == KeyManagementFacility(str(server.storage)).getEncryptionKey(kek)
+
+    (tmp_path / 'data.txt').write_bytes(b'the quick brown fox\n' * 1000)
+    code, sealed, err = run_testclient(server.url, *ca, '-e', 'kek.dat', 'data.txt', cwd=tmp_path)
+    assert code == 0, err
+    assert sealed == KeyManagementFacility(str(server.storage)).encrypt(
+        kek, (tmp_path / 'data.txt').read_bytes())
+    (tmp_path / 'data.enc').write_bytes(sealed)
+    code, plain, err = run_testclient(server.url, *ca, '-d', 'kek.dat', 'data.enc', cwd=tmp_path)
+    assert code == 0, err
+    assert plain == (tmp_path / 'data.txt').read_bytes()
+
+
+def assert_one_line_error(err):
+    assert err.startswith('testclient: '), err
+    assert err.count('\n') == 1, err
+
+
+def test_testclient_unknown_kek(server, pki, tmp_path):
+    (tmp_path / 'unknown.dat').write_bytes(b'xxyz')
+    code, out, err = run_testclient(server.url, '--ca-certificate', pki.ca, '-g', 'unknown.dat',
+                                cwd=tmp_path)
+    assert code == 3
+    assert out == b''
+    assert_one_line_error(err)
+    assert '404' in err
+
+
+def test_testclient_closed_port(pki, tmp_path):
+    code, out, err = run_testclient('https://localhost:%d' % closed_port(),
+                                '--ca-certificate', pki.ca, '-n', cwd=tmp_path)
+    assert code == 1
+    assert_one_line_error(err)
+
+
+def test_testclient_untrusted_server(server, pki, tmp_path):
+    code, out, err = run_testclient(server.url, '--ca-certificate', pki.stranger[0], '-n',
+                                cwd=tmp_path)
+    assert code == 1
+    assert out == b''
+    assert_one_line_error(err)
+    assert 'certificate' in err
+
+
+# LocalKeyManagementFacility --------------------------------------------------------
+
+
+def test_local_facility_through_the_server(server, pki):
+    local = LocalKeyManagementFacility(server.url, cafile=pki.ca)
+    kek = local.generate()
+    master = KeyManagementFacility(str(server.storage))
+    assert local.getEncryptionKey(kek) == master.getEncryptionKey(kek)
+    data = b'envelope' * 1000
+    sealed = local.encrypt(kek, data)
+    assert sealed == master.encrypt(kek, data)
+    assert local.decrypt(kek, sealed) == data
+
+
+def test_local_facility_with_an_ssl_context(server, pki):
+    local = LocalKeyManagementFacility(server.url, ssl_context=client_context(pki.ca),
+                                       connect_timeout=10.0, read_timeout=30.0)
+    kek = local.generate()
+    assert len(local.getEncryptionKey(kek)) == 128
+
+
+def test_local_facility_refuses_an_untrusted_server(server, pki):
+    local = LocalKeyManagementFacility(server.url, cafile=pki.stranger[0])
+    with pytest.raises(OSError) as failure:
+        local.generate()
+    assert isinstance(failure.value.__cause__ or failure.value, ssl.SSLError)
+
+
+def test_local_facility_unknown_kek_is_a_key_error(server, pki):
+    local = LocalKeyManagementFacility(server.url, cafile=pki.ca)
+    with pytest.raises(KeyError):
+        local.getEncryptionKey(b'xxyz')
+
+
+# Mutual TLS -------------------------------------------------------------------------
+
+
+def test_mtls_refuses_a_client_without_certificate(mtls_server, pki, tmp_path):
+    with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+        mtls_server.request('POST', '/new', context=client_context(pki.ca))
+    code, out, err = run_testclient(mtls_server.url, '--ca-certificate', pki.ca, '-n', cwd=tmp_path)
+    assert code == 1 and out == b''
+    assert_one_line_error(err)
+    assert len(os.listdir(mtls_server.folder / 'keys')) == 0
+
+
+def test_mtls_refuses_a_certificate_from_another_ca(mtls_server, pki, tmp_path):
+    code, out, err = run_testclient(mtls_server.url, '--ca-certificate', pki.ca,
+                                '--cert', pki.stranger[0], '--key', pki.stranger[1], '-n',
+                                cwd=tmp_path)
+    assert code == 1 and out == b''
+    assert_one_line_error(err)
+
+
+def test_mtls_serves_a_client_with_a_ca_signed_certificate(mtls_server, pki, tmp_path):
+    tls = ['--ca-certificate', pki.ca, '--cert', pki.client[0], '--key', pki.client[1]]
+    code, kek, err = run_testclient(mtls_server.url, *tls, '-n', cwd=tmp_path)
+    assert code == 0, err
+    (tmp_path / 'kek.dat').write_bytes(kek)
+    code, dek, err = run_testclient(mtls_server.url, *tls, '-g', 'kek.dat', cwd=tmp_path)
+    assert code == 0, err
+    assert len(dek) == 128
+    local = LocalKeyManagementFacility(mtls_server.url, cafile=pki.ca,
+                                       certfile=pki.client[0], keyfile=pki.client[1])
+    assert local.getEncryptionKey(kek) == dek
+
+
+def test_mtls_with_wget(mtls_server, pki, tmp_path):
+    code, status, err = wget_status(['%s/' % mtls_server.url, '-O', 'status.txt',
+                                     '--ca-certificate', pki.ca], tmp_path)
+    assert code != 0 and status is None
+    code, status, err = wget_status(['%s/' % mtls_server.url, '-O', 'status.txt',
+                                     '--ca-certificate', pki.ca,
+                                     '--certificate', pki.client[0],
+                                     '--private-key', pki.client[1]], tmp_path)
+    assert code == 0 and status == 200, err
+
+
+# Scale-out --------------------------------------------------------------------------
+
+
+def test_two_workers_serve_concurrent_clients(server):
+    keys, threads = 12, 4
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        keks = list(pool.map(lambda _: server.post('/new'), range(keys)))
+        deks = list(pool.map(lambda kek: server.post('/key', kek), keks))
+    assert len(set(keks)) == keys
+    assert all(len(dek) == 128 for dek in deks) and len(set(deks)) == keys
+    time.sleep(0.5)
+    creators = set(re.findall(r'(?m)^(\d+) INFO \[kmi\] created key', server.log()))
+    assert len(creators) == 2, 'both workers should have created keys'
+
+
+def test_two_instances_over_one_storage(twins):
+    first, second = twins
+    keys, threads = 20, 4
+
+    def create_here_read_there(i):
+        here, there = (first, second) if i % 2 else (second, first)
+        kek = here.post('/new')
+        dek = there.post('/key', kek)
+        assert here.post('/key', kek) == dek
+        return kek, dek
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(create_here_read_there, range(keys)))
+    assert len({kek for kek, _ in results}) == keys
+    assert all(len(dek) == 128 for _, dek in results)
+    for srv in twins:
+        assert srv.request('GET', '/') == (200, b'KMS server holding %d keys' % keys)
