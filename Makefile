@@ -2,12 +2,21 @@
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-REFVENV ?= .venv-ref
+# The reference lives outside the checkout so that it is cached between runs.
+REFVENV ?= $(HOME)/.cache/keas.kmi/reference-3.3.0
 ZODB64 ?= .venv-zodb64
 HOST   ?= 127.0.0.1
 PORT   ?= 8080
 CERTS  ?= certs
-STORAGE ?= var/keys
+# REFERENCE=0: no network for the reference, deselect the differential tests.
+REFERENCE ?= 1
+ifeq ($(REFERENCE),0)
+REF_DEP :=
+MARKERS := -m 'not reference'
+else
+REF_DEP := $(REFVENV)/.done
+MARKERS :=
+endif
 
 SOURCES := Cargo.toml pyproject.toml $(wildcard src/*.rs)
 
@@ -19,8 +28,8 @@ test: test-rust test-python
 test-rust:
 	cargo test --release --quiet
 
-test-python: $(VENV)/.built $(REFVENV)/.done $(ZODB64)/.built
-	$(PY) -m pytest $(PYTEST_ARGS)
+test-python: $(VENV)/.built $(REF_DEP) $(ZODB64)/.built
+	KMI_REFERENCE_PYTHON=$(REFVENV)/bin/python $(PY) -m pytest $(MARKERS) $(PYTEST_ARGS)
 	$(ZODB64)/bin/python -m pytest tests/test_zodb64.py $(PYTEST_ARGS)
 
 $(VENV)/bin/python:
@@ -33,6 +42,7 @@ $(VENV)/.built: $(VENV)/bin/python $(SOURCES)
 
 # keas.kmi 3.3.0 with pycryptodome: the reference the differential tests and benchmarks run against.
 $(REFVENV)/.done:
+	rm -rf $(REFVENV)
 	$(PYTHON) -m venv $(REFVENV)
 	$(REFVENV)/bin/pip install --quiet 'keas.kmi==3.3.0' 'ZODB==6.3' zope.component
 	touch $@

@@ -1,7 +1,7 @@
 """Differential tests: our keas.kmi against the reference keas.kmi 3.3.0.
 
 Our package is imported in this process; the reference runs in its own
-virtualenv (``KMI_REFERENCE_PYTHON``, default ``<repo>/.venv-ref/bin/python``)
+virtualenv (``KMI_REFERENCE_PYTHON``, default ``~/.cache/keas.kmi/reference-3.3.0/bin/python``, made by ``make test``)
 as one long-lived ``tests/reference/refworker.py --serve`` subprocess shared
 by the whole session.  Storage directories, files and ZODB FileStorages are
 exchanged through the file system; bytes through base64 JSON.
@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 REFDIR = REPO / 'tests' / 'reference'
 WORKER = REFDIR / 'refworker.py'
 REF_PYTHON = Path(os.environ.get('KMI_REFERENCE_PYTHON')
-                  or REPO / '.venv-ref' / 'bin' / 'python')
+                  or Path.home() / '.cache' / 'keas.kmi' / 'reference-3.3.0' / 'bin' / 'python')
 
 SEED = 20240229
 KB = 1024
@@ -106,7 +106,7 @@ class RefWorker:
 def ref(tmp_path_factory):
     if not REF_PYTHON.exists():
         pytest.skip('reference python %s does not exist (set KMI_REFERENCE_PYTHON or '
-                    'run `make .venv-ref/.done` to create it with keas.kmi==3.3.0)'
+                    'run `make test` (or `make ~/.cache/keas.kmi/reference-3.3.0/.done`) to create it with keas.kmi==3.3.0)'
                     % REF_PYTHON)
     worker = RefWorker(REF_PYTHON, tmp_path_factory.mktemp('refworker'))
     try:
@@ -128,7 +128,7 @@ def kmi():
     import keas.kmi.persistent
     import keas.kmi.testing
     import zodbmodel
-    assert '.venv-ref' not in keas.kmi.facility.__file__, keas.kmi.facility.__file__
+    assert str(REPO) in keas.kmi.facility.__file__, keas.kmi.facility.__file__
     return keas.kmi
 
 
