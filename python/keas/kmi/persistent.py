@@ -48,9 +48,11 @@ def decrypt_state(state):
     return unpickle_nonpersistent(service.decrypt(key, encrypted), refs)
 
 
-def _is_reference(obj):
-    # What ZODB stores as a reference of its own rather than inside the pickle.
-    return isinstance(obj, (persistent.Persistent, type, persistent.wref.WeakRef))
+# What ZODB stores as a reference of its own rather than inside the pickle.
+_REFERENCE_TYPES = (persistent.Persistent, type, persistent.wref.WeakRef)
+# Types that are never references: a set lookup settles most objects.
+_PLAIN_TYPES = frozenset([str, bytes, int, float, bool, type(None), tuple,
+                          list, dict, set, frozenset, complex])
 
 
 class _ReferencePickler(Pickler):
@@ -61,7 +63,7 @@ class _ReferencePickler(Pickler):
         self._index = {}
 
     def persistent_id(self, obj):
-        if not _is_reference(obj):
+        if type(obj) in _PLAIN_TYPES or not isinstance(obj, _REFERENCE_TYPES):
             return None
         index = self._index.get(id(obj))
         if index is None:
