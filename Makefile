@@ -22,8 +22,8 @@ SOURCES := Cargo.toml pyproject.toml $(wildcard src/*.rs)
 
 .PHONY: test test-rust test-python serve certs bench lint fuzz clean
 
-## make test: build everything and run the whole suite (cargo test, pytest, conformance, differential)
-test: test-rust test-python
+## make test: build everything and run the whole suite (fmt, clippy, cargo test, pytest, conformance, differential)
+test: lint test-rust test-python
 
 test-rust:
 	cargo test --release --quiet

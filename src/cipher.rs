@@ -125,7 +125,7 @@ impl DataCipher {
 
     fn last_block(&self, iv: &[u8], data: &[u8]) -> KmiResult<Block> {
         let iv = iv_block(iv)?;
-        if data.is_empty() || data.len() % BLOCK != 0 {
+        if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
             return Err(KmiError::bad_data(format!(
                 "ciphertext length {} is not a positive multiple of 16",
                 data.len()

@@ -32,9 +32,12 @@ pub struct CachedDek {
     cipher: Option<(Vec<u8>, Arc<DataCipher>)>,
 }
 
+/// Cached DEKs by the exact KEK bytes (foldhash: the KEK is ~1.7 KB and hashed on every call).
+type DekMap = HashMap<Box<[u8]>, CachedDek, foldhash::fast::RandomState>;
+
 pub struct Facility {
     store: DekStore,
-    deks: Mutex<HashMap<Box<[u8]>, CachedDek, foldhash::fast::RandomState>>,
+    deks: Mutex<DekMap>,
     max_cached: usize,
 }
 
@@ -64,7 +67,7 @@ impl Facility {
         &self.store
     }
 
-    fn deks(&self) -> MutexGuard<'_, HashMap<Box<[u8]>, CachedDek, foldhash::fast::RandomState>> {
+    fn deks(&self) -> MutexGuard<'_, DekMap> {
         self.deks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -90,11 +93,7 @@ impl Facility {
         Ok((name, pem))
     }
 
-    fn lookup(
-        &self,
-        kek: &[u8],
-        timeout: f64,
-    ) -> Option<MutexGuard<'_, HashMap<Box<[u8]>, CachedDek, foldhash::fast::RandomState>>> {
+    fn lookup(&self, kek: &[u8], timeout: f64) -> Option<MutexGuard<'_, DekMap>> {
         let deks = self.deks();
         match deks.get(kek) {
             Some(entry) if entry.fetched + timeout > now() => Some(deks),

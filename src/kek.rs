@@ -29,7 +29,7 @@ impl Kek {
                 "rsaKeyLength must be between 1024 and {MAX_MODULUS_BITS} bits, not {bits}"
             )));
         }
-        if exponent < 3 || exponent % 2 == 0 {
+        if exponent < 3 || exponent.is_multiple_of(2) {
             return Err(KmiError::BadArgument(format!(
                 "rsaKeyExponent must be an odd integer >= 3, not {exponent}"
             )));
