@@ -1,0 +1,341 @@
+"""A benchmark worker: runs workloads on whichever keas.kmi its interpreter has.
+
+    .venv/bin/python benchmarks/worker.py       # ours
+    .venv-ref/bin/python benchmarks/worker.py   # keas.kmi 3.3.0 (pycryptodome)
+
+It reads one JSON request per line on stdin, ``{"op": name, ...arguments}``,
+and answers each with one JSON line on stdout: ``{"ok": true, ...}`` or
+``{"ok": false, "error": text}``. Every timing is taken inside the worker
+(``time.perf_counter``), so the pipe to ``bench.py`` is not measured. Every
+workload checks what it computed; a failed check is an error answer, never a
+time. Anything else printed (by libraries, warnings) goes to stderr.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+import traceback
+
+# The protocol owns the real stdout; everything else printed goes to stderr.
+_proto = os.fdopen(os.dup(1), 'w', buffering=1)
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+from keas.kmi.facility import KeyManagementFacility  # noqa: E402
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def check(condition, message):
+    if not condition:
+        raise CheckFailed(message)
+
+
+def read(path):
+    with open(path, 'rb') as f:
+        return f.read()
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while True:
+            block = f.read(1 << 20)
+            if not block:
+                break
+            h.update(block)
+    return h.hexdigest()
+
+
+def remove(path):
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
+
+
+class Worker:
+
+    def __init__(self):
+        self.facility = None
+        self.keks = {}
+        self.blobs = {}
+
+    # -- set up ------------------------------------------------------------
+
+    def op_hello(self):
+        import platform
+        from importlib import metadata
+        versions = {}
+        for dist in ('keas.kmi', 'pycryptodome', 'ZODB', 'persistent',
+                     'zodbpickle', 'gunicorn', 'WebOb', 'pyramid'):
+            try:
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                pass
+        import keas.kmi.facility
+        return {'python': platform.python_version(),
+                'executable': sys.executable,
+                'facility_module': keas.kmi.facility.__file__,
+                'versions': versions}
+
+    def op_make_keks(self, store, kekdir, dek_length=128):
+        """Reference side only: the two KEK flavours the benchmarks read.
+
+        ``legacy``: what keas.kmi 3.0-3.2 wrote, made here with pycryptodome
+        (RSA 2048, PKCS#1 with legacy PEM encryption) and a DEK wrapped with
+        PKCS#1 v1.5. ``pkcs8``: what this facility's generate() writes.
+        """
+        from Crypto.Cipher import PKCS1_v1_5
+        from Crypto.PublicKey import RSA
+        os.makedirs(store, mode=0o700, exist_ok=True)
+        os.makedirs(kekdir, exist_ok=True)
+        rsa = RSA.generate(2048)
+        legacy = rsa.export_key(passphrase=KeyManagementFacility.rsaPassphrase,
+                                pkcs=1)
+        check(b'Proc-Type: 4,ENCRYPTED' in legacy, 'legacy KEK is not legacy PEM')
+        dek = os.urandom(dek_length)
+        wrapped = PKCS1_v1_5.new(rsa.public_key()).encrypt(dek)
+        name = hashlib.md5(legacy).hexdigest()
+        with open(os.path.join(store, name + '.dek'), 'wb') as f:
+            f.write(wrapped)
+        pkcs8 = KeyManagementFacility(store).generate()
+        check(pkcs8.startswith(b'-----BEGIN ENCRYPTED PRIVATE KEY-----'),
+              'reference generate() did not write PKCS#8: %r' % pkcs8[:40])
+        pkcs8_dek = KeyManagementFacility(store).getEncryptionKey(pkcs8)
+        check(KeyManagementFacility(store).getEncryptionKey(legacy) == dek,
+              'legacy KEK does not give back its DEK')
+        out = {}
+        for kind, kek, key in (('legacy', legacy, dek), ('pkcs8', pkcs8, pkcs8_dek)):
+            path = os.path.join(kekdir, kind + '.kek')
+            with open(path, 'wb') as f:
+                f.write(kek)
+            out[kind] = {'kek_path': path, 'dek': key.hex(),
+                         'name': hashlib.md5(kek).hexdigest()}
+        return out
+
+    def op_setup(self, store, keks):
+        """One facility over ``store``; ``keks``: {kind: path of the KEK file}."""
+        self.facility = KeyManagementFacility(store)
+        self.keks = {kind: read(path) for kind, path in keks.items()}
+        return {'deks': {kind: self.facility.getEncryptionKey(kek).hex()
+                         for kind, kek in self.keks.items()}}
+
+    def op_load(self, name, path):
+        self.blobs[name] = read(path)
+        return {'size': len(self.blobs[name])}
+
+    def op_drop(self, name):
+        self.blobs.pop(name, None)
+        return {}
+
+    # -- workloads ---------------------------------------------------------
+
+    def op_small(self, which, kind, n, plaintext, ciphertext):
+        """``n`` calls of encrypt (or decrypt) of one short string, DEK cached."""
+        fac = self.facility
+        kek = self.keks[kind]
+        plain = bytes.fromhex(plaintext)
+        cipher = bytes.fromhex(ciphertext)
+        fac.getEncryptionKey(kek)  # warm the DEK cache
+        if which == 'encrypt':
+            fn, arg, expected = fac.encrypt, plain, cipher
+        else:
+            fn, arg, expected = fac.decrypt, cipher, plain
+        check(fn(kek, arg) == expected, '%s gave a wrong answer' % which)
+        loop = range(n)
+        t0 = time.perf_counter()
+        for _ in loop:
+            out = fn(kek, arg)
+        seconds = time.perf_counter() - t0
+        check(out == expected, '%s gave a wrong answer in the loop' % which)
+        check(fac.decrypt(kek, fac.encrypt(kek, plain)) == plain,
+              'decrypt(encrypt(x)) != x')
+        return {'seconds': seconds, 'calls': n}
+
+    def op_bulk(self, which, kind, plain, cipher):
+        """encrypt or decrypt of one large bytes object (names of loaded blobs)."""
+        fac = self.facility
+        kek = self.keks[kind]
+        fac.getEncryptionKey(kek)
+        src = self.blobs[plain if which == 'encrypt' else cipher]
+        t0 = time.perf_counter()
+        out = (fac.encrypt if which == 'encrypt' else fac.decrypt)(kek, src)
+        seconds = time.perf_counter() - t0
+        expected = self.blobs[cipher if which == 'encrypt' else plain]
+        check(len(out) == len(expected) and out == expected,
+              '%s of %d bytes gave a wrong answer' % (which, len(src)))
+        del out
+        return {'seconds': seconds, 'bytes': len(src)}
+
+    def op_file(self, which, kind, src, dst):
+        """encrypt_file / decrypt_file between real files, open to close."""
+        fac = self.facility
+        kek = self.keks[kind]
+        fac.getEncryptionKey(kek)
+        remove(dst)
+        t0 = time.perf_counter()
+        with open(src, 'rb') as fsrc, open(dst, 'wb') as fdst:
+            if which == 'encrypt':
+                fac.encrypt_file(kek, fsrc, fdst)
+            else:
+                fac.decrypt_file(kek, fsrc, fdst)
+        seconds = time.perf_counter() - t0
+        result = {'seconds': seconds, 'bytes': os.path.getsize(src),
+                  'out_size': os.path.getsize(dst)}
+        if which == 'decrypt':
+            result['sha256'] = sha256_file(dst)
+            remove(dst)
+        return result
+
+    def op_generate(self, store):
+        """One generate(); then a fresh facility must unwrap its DEK."""
+        os.makedirs(store, mode=0o700, exist_ok=True)
+        fac = KeyManagementFacility(store)
+        t0 = time.perf_counter()
+        kek = fac.generate()
+        seconds = time.perf_counter() - t0
+        name = hashlib.md5(kek).hexdigest()
+        check(os.path.exists(os.path.join(store, name + '.dek')),
+              'generate() stored no %s.dek' % name)
+        dek = KeyManagementFacility(store).getEncryptionKey(kek)
+        check(len(dek) == fac.keyLength,
+              'generated DEK has %d bytes, not %d' % (len(dek), fac.keyLength))
+        check(fac.decrypt(kek, fac.encrypt(kek, b'x' * 33)) == b'x' * 33,
+              'round trip under a generated KEK failed')
+        return {'seconds': seconds, 'kek': kek.decode('ascii'), 'dek': dek.hex()}
+
+    def op_unwrap(self, store, kek, dek):
+        """A fresh facility unwraps ``kek`` (PEM text) to ``dek`` (hex)."""
+        got = KeyManagementFacility(store).getEncryptionKey(kek.encode('ascii'))
+        check(got.hex() == dek, 'unwrapped a different DEK')
+        return {}
+
+    def op_cold(self, store, kind, n, dek):
+        """``n`` times: a fresh facility instance, then getEncryptionKey.
+
+        The instance is created inside the timed region: "cold" is the whole
+        cost of a first lookup in a new facility.
+        """
+        kek = self.keks[kind]
+        expected = bytes.fromhex(dek)
+        got = []
+        t0 = time.perf_counter()
+        for _ in range(n):
+            got.append(KeyManagementFacility(store).getEncryptionKey(kek))
+        seconds = time.perf_counter() - t0
+        check(all(g == expected for g in got),
+              'cold getEncryptionKey returned a wrong DEK')
+        return {'seconds': seconds, 'calls': n}
+
+    # -- ZODB ------------------------------------------------------------------
+
+    _zodb_ready = False
+
+    def _zodb_setup(self, store):
+        if self._zodb_ready:
+            return
+        from zope.component import provideUtility
+        from keas.kmi import testing
+        from keas.kmi.interfaces import IEncryptionService, IKeyHolder
+        os.makedirs(store, mode=0o700, exist_ok=True)
+        provideUtility(testing.TestingKeyHolder(), IKeyHolder)
+        provideUtility(testing.TestingKeyManagementFacility(store),
+                       IEncryptionService)
+        self._zodb_ready = True
+
+    @staticmethod
+    def _record_fields(i):
+        return ('record-%06d' % i,
+                hashlib.sha256(b'%d' % i).digest() * 4,
+                {'index': i, 'even': i % 2 == 0, 'label': 'tag%d' % (i % 7)})
+
+    def _zodb_load(self, path, n):
+        import ZODB
+        import ZODB.FileStorage
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path, read_only=True))
+        try:
+            conn = db.open()
+            records = conn.root()['records']
+            count = 0
+            for i, record in records.items():
+                name, payload, tags = self._record_fields(i)
+                if (record.number != i or record.name != name
+                        or record.payload != payload or record.tags != tags):
+                    raise CheckFailed('ZODB record %d read back wrong' % i)
+                count += 1
+            check(count == n, 'ZODB read %d records, not %d' % (count, n))
+            # The stored state must be ciphertext, not a readable pickle.
+            some = records[n // 2]
+            raw, _ = db.storage.load(some._p_oid)
+            check(some.name.encode() not in raw,
+                  'a record was stored in plain text')
+            conn.close()
+        finally:
+            db.close()
+
+    def op_zodb(self, path, n, store):
+        """Commit ``n`` EncryptedPersistent records to a new FileStorage, then
+        load and check all of them through a new DB and connection."""
+        import BTrees.OOBTree
+        import transaction
+        import ZODB
+        import ZODB.FileStorage
+        from zodbmodel import Record
+        self._zodb_setup(store)
+        for suffix in ('', '.index', '.lock', '.tmp'):
+            remove(path + suffix)
+        t0 = time.perf_counter()
+        db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+        try:
+            conn = db.open()
+            records = conn.root()['records'] = BTrees.OOBTree.OOBTree()
+            for i in range(n):
+                records[i] = Record(i, *self._record_fields(i))
+            transaction.commit()
+            conn.close()
+        finally:
+            db.close()
+        t1 = time.perf_counter()
+        self._zodb_load(path, n)
+        t2 = time.perf_counter()
+        return {'seconds': t2 - t0, 'commit': t1 - t0, 'load': t2 - t1,
+                'objects': n}
+
+    def op_zodb_verify(self, path, n, store):
+        """Read a database the other side wrote (untimed)."""
+        self._zodb_setup(store)
+        self._zodb_load(path, n)
+        return {}
+
+
+def main():
+    worker = Worker()
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            op = request.pop('op')
+            if op == 'quit':
+                _proto.write(json.dumps({'ok': True}) + '\n')
+                break
+            answer = getattr(worker, 'op_' + op)(**request)
+            answer['ok'] = True
+        except CheckFailed as e:
+            answer = {'ok': False, 'error': 'check failed: %s' % e}
+        except Exception as e:
+            traceback.print_exc()
+            answer = {'ok': False, 'error': '%s: %s' % (type(e).__name__, e)}
+        _proto.write(json.dumps(answer) + '\n')
+
+
+if __name__ == '__main__':
+    main()
