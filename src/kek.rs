@@ -41,7 +41,9 @@ impl Kek {
 
     /// Read a KEK from PEM bytes in any flavour deployments hold.
     pub fn from_pem(pem_bytes: &[u8], passphrase: &[u8]) -> KmiResult<Kek> {
-        let der = pem::decode_private_key(pem_bytes, passphrase)?;
+        // Defence in depth: a panic in a parser is a bad key, never a crash.
+        let der = std::panic::catch_unwind(|| pem::decode_private_key(pem_bytes, passphrase))
+            .map_err(|_| KmiError::bad_key("malformed KEK: its encoding could not be parsed"))??;
         Self::from_pkcs1_der(&der)
     }
 
@@ -189,6 +191,24 @@ F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
         let wrapped = kek.wrap_dek(&[1u8; 64]).unwrap();
         assert_eq!(&*again.unwrap_dek(&wrapped, &[64]).unwrap(), &[1u8; 64]);
         assert!(Kek::from_pem(&pem, b"not it").is_err());
+    }
+
+    #[test]
+    fn scrypt_with_zero_cost_is_a_bad_key() {
+        // Found by fuzz/pem_import: pkcs5 panics on N = 0.
+        let der = hex::decode(
+            "3062304e06092a864886f70d01050d3041302006092b06010401da47040b30130408000000000000\
+             0000020100020101020101301d060960864801650304012a0410000000000000000000000000000000\
+             00041000000000000000000000000000000000",
+        )
+        .unwrap();
+        use base64::Engine;
+        let pem = format!(
+            "-----BEGIN ENCRYPTED PRIVATE KEY-----\n{}\n-----END ENCRYPTED PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(der)
+        );
+        let err = Kek::from_pem(pem.as_bytes(), b"x").err().expect("refused");
+        assert!(matches!(err, KmiError::BadKey(_)), "{err:?}");
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub fn decode_private_key(pem: &[u8], passphrase: &[u8]) -> KmiResult<Zeroizing<
             let info = pkcs8::EncryptedPrivateKeyInfoRef::from_der(&body).map_err(|e| {
                 KmiError::bad_key(format!("malformed PEM: bad PKCS#8 structure ({e})"))
             })?;
+            check_kdf_cost(&info)?;
             if let Some(der) = pbkdf2_sha256_decrypt(&info, passphrase) {
                 return pkcs8_rsa_key(&der?);
             }
@@ -119,6 +120,42 @@ pub fn decode_private_key(pem: &[u8], passphrase: &[u8]) -> KmiResult<Zeroizing<
             "malformed PEM: '{other}' is not a private key label"
         ))),
     }
+}
+
+/// PBKDF2 rounds above this are refused: 600000 is today's usual count, and
+/// ten million already takes about a second and a half.
+const MAX_PBKDF2_ROUNDS: u32 = 10_000_000;
+/// scrypt memory (128 * N * r bytes) above this is refused (N = 2^20, r = 8).
+const MAX_SCRYPT_BYTES: u128 = 1 << 30;
+
+/// Refuse KDF parameters that would take minutes, exhaust memory, or that
+/// the KDF implementation cannot handle (scrypt N = 0 panics inside pkcs5).
+fn check_kdf_cost(info: &pkcs8::EncryptedPrivateKeyInfoRef<'_>) -> KmiResult<()> {
+    let pkcs8::pkcs5::EncryptionScheme::Pbes2(params) = &info.encryption_algorithm else {
+        return Ok(());
+    };
+    if let Some(p) = params.kdf.pbkdf2() {
+        if !(1..=MAX_PBKDF2_ROUNDS).contains(&p.iteration_count) {
+            return Err(KmiError::bad_key(format!(
+                "unsupported algorithm parameters: PBKDF2 iteration count {} is outside 1..={MAX_PBKDF2_ROUNDS}",
+                p.iteration_count
+            )));
+        }
+    }
+    if let Some(p) = params.kdf.scrypt() {
+        let (n, r, par) = (
+            u128::from(p.cost_parameter),
+            u128::from(p.block_size),
+            u128::from(p.parallelization),
+        );
+        let sane = n >= 2 && n.is_power_of_two() && r >= 1 && par >= 1;
+        if !sane || 128 * n * r > MAX_SCRYPT_BYTES || 128 * r * par > MAX_SCRYPT_BYTES {
+            return Err(KmiError::bad_key(format!(
+                "unsupported algorithm parameters: scrypt N={n}, r={r}, p={par} (at most 1 GiB of memory)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// PBES2 with PBKDF2-HMAC-SHA256 (what pycryptodome 4.x writes, at 600000

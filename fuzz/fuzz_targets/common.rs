@@ -1,0 +1,68 @@
+//! What the targets share: the published testing KEK and small helpers.
+#![allow(dead_code)]
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+/// The published 512-bit, e = 161 testing KEK of keas.kmi (unencrypted
+/// PKCS#1), the same as `kek::tests::TESTING_KEK` in src/kek.rs.
+pub const TESTING_KEK: &[u8] = b"-----BEGIN RSA PRIVATE KEY-----
+MIIBOAIBAAJBAL+VS9lDsS9XOaeJppfK9lhxKMRFdcg50MR3aJEQK9rvDEqNwBS9
+rQlU/x/NWxG0vvFCnrDn7VvQN+syb3+a0DMCAgChAkAzKw3lwPxw0VVccq1J7qeO
+4DXR1iEMIoWruiCyq0aLkHnQzrZpaHnd4w+JNKIGOVDEWItf3iZNMXkoqj2hoPmp
+AiEA5kWTkYrfH+glJUfV/GvU6jcPSNctcJCnqTfMjQU0KEUCIQDU/R3iz5Lojw1S
+R1v6C5gdY/mrQydegHVGFS/p276KFwIgDk124UnRb7IyAlDI6xteUVSDVZ4Pivd+
+fP6yEkylbQkCIDo1Ri4VvzRtDsVkmFdqhcucHhIu+UTCHN6uVjy7QmIpAiB7Gl9m
+F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
+-----END RSA PRIVATE KEY-----
+";
+
+/// The passphrase the targets use when the input does not choose one.
+pub const PASSPHRASE: &[u8] = b"key management facility";
+
+/// The known DEK of `dek_unwrap` (32 bytes, the facility's DEK length for a 512-bit KEK).
+pub const KNOWN_DEK: &[u8; 32] = b"keas.kmi fuzzing: the known DEK!";
+
+/// The padding bytes `dek_unwrap` and fuzz/make_seeds.py put before the known DEK,
+/// so that its wrapped form is deterministic.
+pub const KNOWN_PS: u8 = 0x5a;
+
+/// PEM armour: `-----BEGIN label-----`, base64 in 64-character lines, `-----END label-----`.
+pub fn armour(label: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for (k, v) in headers {
+        out.push_str(&format!("{k}: {v}\n"));
+    }
+    if !headers.is_empty() {
+        out.push('\n');
+    }
+    let b64 = STANDARD.encode(body);
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out.into_bytes()
+}
+
+/// With KMI_FUZZ_SKIP_KNOWN=1, run `f` and swallow a panic raised in a file
+/// whose path contains all of `known` (a finding already reported, see
+/// docs/fuzzing.md), returning None; any other panic still aborts the run as
+/// libFuzzer expects. Without the variable, `f` runs as it is.
+pub fn tolerate_known<R>(known: &'static [&'static str], f: impl FnOnce() -> R) -> Option<R> {
+    use std::sync::Once;
+    static HOOK: Once = Once::new();
+    if std::env::var_os("KMI_FUZZ_SKIP_KNOWN").is_none_or(|v| v != "1") {
+        return Some(f());
+    }
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let file = info.location().map(|l| l.file()).unwrap_or("");
+            if !known.iter().all(|k| file.contains(k)) {
+                previous(info);
+            }
+        }));
+    });
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
+}

@@ -1,0 +1,99 @@
+//! The chunked file format (`FileDecryptor`): an arbitrary 24-byte header
+//! (little-endian size, IV) and body, fed in arbitrary piece sizes. Never a
+//! panic; the output never exceeds the header's size; if `finish()` succeeds
+//! the output is exactly the header's size, and is the same whatever the piece
+//! sizes (compared with a one-piece run), and re-encrypting it with
+//! `FileEncryptor` gives back the input body.
+//!
+//! Input layout: data[0] is the number n of piece-size bytes (mod 8), then n
+//! bytes of piece sizes (0 allowed, used in turn), then the header and body.
+#![no_main]
+
+use std::sync::OnceLock;
+
+use _kmi::cipher::{derive_cipher_key, DataCipher, FILE_HEADER};
+use _kmi::errors::KmiError;
+use libfuzzer_sys::fuzz_target;
+
+/// KMI_FUZZ_SKIP_KNOWN=1 skips headers whose size is within 15 of u64::MAX:
+/// `FileDecryptor::padded_size` overflows on them (found by this target, see
+/// docs/fuzzing.md), which would otherwise stop every run within seconds.
+/// Remove once src/cipher.rs is fixed.
+fn skip_known_overflow() -> bool {
+    static SKIP: OnceLock<bool> = OnceLock::new();
+    *SKIP.get_or_init(|| std::env::var_os("KMI_FUZZ_SKIP_KNOWN").is_some_and(|v| v == "1"))
+}
+
+fn run(cipher: &DataCipher, stream: &[u8], pieces: &[u8]) -> Result<Vec<u8>, KmiError> {
+    let header = &stream[..FILE_HEADER.min(stream.len())];
+    let mut d = cipher.file_decryptor(header)?;
+    let size = d.size();
+    let mut body = &stream[header.len()..];
+    let mut out = Vec::new();
+    let mut i = 0;
+    while !body.is_empty() {
+        let mut n = if pieces.is_empty() {
+            body.len()
+        } else {
+            pieces[i % pieces.len()] as usize
+        };
+        i += 1;
+        if n == 0 {
+            // An empty read is allowed; then take at least one byte so the loop ends.
+            d.update(&[], &mut out)?;
+            n = 1;
+        }
+        let n = n.min(body.len());
+        let r = d.update(&body[..n], &mut out);
+        assert!(
+            out.len() as u64 <= size,
+            "{} bytes out, header says {size}",
+            out.len()
+        );
+        r?;
+        body = &body[n..];
+    }
+    d.finish()?;
+    assert_eq!(out.len() as u64, size, "finish() accepted a short stream");
+    Ok(out)
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Some((&n, rest)) = data.split_first() else {
+        return;
+    };
+    let n = (n as usize % 8).min(rest.len());
+    let (pieces, stream) = rest.split_at(n);
+    if skip_known_overflow() && stream.len() >= 8 {
+        let size = u64::from_le_bytes(stream[..8].try_into().unwrap());
+        if size > u64::MAX - 15 {
+            return;
+        }
+    }
+    let key = derive_cipher_key(b"keas.kmi fuzzing DEK", b"12345678").unwrap();
+    let cipher = DataCipher::new(&key);
+    let result = run(&cipher, stream, pieces);
+    let whole = run(&cipher, stream, &[]);
+    match (&result, &whole) {
+        (Ok(a), Ok(b)) => assert_eq!(a, b, "output depends on the piece sizes"),
+        (Err(_), Err(_)) => {}
+        _ => panic!("piece sizes {pieces:?} change the outcome: {result:?} vs {whole:?}"),
+    }
+    match result {
+        Ok(plain) => {
+            let iv = &stream[8..FILE_HEADER];
+            let mut e = cipher.file_encryptor(iv).unwrap();
+            let mut body = Vec::new();
+            e.update(&plain, &mut body);
+            let size = e.finish(&mut body);
+            assert_eq!(size, plain.len() as u64);
+            assert_eq!(&size.to_le_bytes()[..], &stream[..8]);
+            assert_eq!(
+                body,
+                &stream[FILE_HEADER..],
+                "re-encryption differs from the input"
+            );
+        }
+        Err(e) => assert!(matches!(e, KmiError::BadData(_)), "not BadData: {e:?}"),
+    }
+});
