@@ -4,6 +4,7 @@
 pub mod cipher;
 pub mod errors;
 pub mod facility;
+pub mod files;
 pub mod kdf;
 pub mod kek;
 pub mod pem;

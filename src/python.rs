@@ -10,9 +10,10 @@ use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
 use zeroize::Zeroizing;
 
-use crate::cipher::{decrypt_file_at, derive_cipher_key, encrypt_file_at, DataCipher, FILE_HEADER};
+use crate::cipher::{derive_cipher_key, DataCipher, FILE_HEADER};
 use crate::errors::KmiError;
 use crate::facility::{self, DekPolicy};
+use crate::files::{decrypt_file_at, encrypt_file_at};
 
 /// Bulk work below this many bytes keeps the GIL: the hand-off costs more.
 const DETACH_BYTES: usize = 64 * 1024;
