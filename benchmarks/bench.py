@@ -656,7 +656,19 @@ class Bench:
 
     # -- WSGI ----------------------------------------------------------------
 
-    def start_server(self, side, store):
+    def shipped_worker_args(self):
+        """gunicorn flags for the worker settings of our server.ini (what
+        `make serve` runs): worker class, threads, keep-alive."""
+        from keas.kmi.wsgi import server_settings
+        settings = server_settings(os.path.join(ROOT, 'server.ini'))
+        flags = {'worker_class': '-k', 'threads': '--threads', 'keepalive': '--keep-alive'}
+        args = []
+        for name, flag in flags.items():
+            if name in settings:
+                args += [flag, str(settings[name])]
+        return args
+
+    def start_server(self, side, store, worker_args=()):
         venv_bin = os.path.dirname(PYTHONS[side])
         gunicorn = os.path.join(venv_bin, 'gunicorn')
         if not os.path.exists(gunicorn):
@@ -670,7 +682,8 @@ class Bench:
         env = dict(os.environ)
         env.pop('PYTHONPATH', None)
         proc = subprocess.Popen(
-            [gunicorn, '-w', '2', '-b', '127.0.0.1:%d' % port, '--paste', ini],
+            [gunicorn, '-w', '2', *worker_args, '-b', '127.0.0.1:%d' % port,
+             '--paste', ini],
             stdout=errlog, stderr=errlog, cwd=RUN, env=env,
             start_new_session=True)
         self.servers.append(proc)
@@ -762,11 +775,22 @@ end
                                                     'loader': 'loadgen.py'}
 
     def wsgi(self):
-        row = self.row('WSGI POST /key, warm, gunicorn -w 2', kind='rate',
-                       target='>= 2x ref req/s')
-        row.goal = speedup_goal(2)
+        shipped = self.shipped_worker_args()
+        # Each side as it ships: ours with server.ini's workers, the reference
+        # with gunicorn's default sync workers (its documented setup).
+        self.wsgi_row('WSGI POST /key, warm, gunicorn -w 2, as shipped',
+                      {'ours': shipped, 'ref': []}, '>= 2x ref req/s',
+                      'ours: %s; ref: sync workers' % ' '.join(shipped))
+        # The same sync workers on both sides: the applications alone differ.
+        self.wsgi_row('  same sync workers on both sides', {'ours': [], 'ref': []},
+                      None, 'both: sync workers')
+
+    def wsgi_row(self, title, worker_args, target, config):
+        row = self.row(title, kind='rate', target=target)
+        if target:
+            row.goal = speedup_goal(2)
         loader = 'wrk -t1 -c4' if shutil.which('wrk') else 'benchmarks/loadgen.py (no wrk)'
-        row.note = 'load: %s, %d s per run' % (loader, P['wsgi_seconds'])
+        row.note = 'load: %s, %d s per run; %s' % (loader, P['wsgi_seconds'], config)
         probe = subprocess.run(
             [PYTHONS['ours'], '-c', 'from keas.kmi.wsgi import application_factory'],
             capture_output=True, text=True)
@@ -780,7 +804,7 @@ end
         ports = {}
         try:
             for side in SIDES:
-                ports[side] = self.start_server(side, self.store)[1]
+                ports[side] = self.start_server(side, self.store, worker_args[side])[1]
                 # Several requests reach both workers: warm caches, checked bodies.
                 self.sample_requests(ports[side], kek, self.dek)
             script = self.wrk_script(kek, self.dek)

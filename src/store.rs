@@ -32,6 +32,33 @@ pub fn check_name(name: &str) -> KmiResult<()> {
     Ok(())
 }
 
+/// A temporary this old was left by a writer that died (SIGKILL, power loss);
+/// a live writer renames its temporary within milliseconds.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Delete temporaries that crashed writers left behind. Best effort: the
+/// listing never shows them anyway.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let is_tmp = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TMP_PREFIX));
+        let stale = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age > STALE_TEMPORARY);
+        if is_tmp && stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
 impl DekStore {
     /// Open (and create, mode 0700, if missing) a storage directory.
     pub fn open(dir: impl Into<PathBuf>, max_cached: usize) -> KmiResult<DekStore> {
@@ -42,6 +69,7 @@ impl DekStore {
                 .mode(0o700)
                 .create(&dir)?;
         }
+        remove_stale_temporaries(&dir);
         Ok(DekStore {
             dir,
             contents: Mutex::new(HashMap::new()),
@@ -186,6 +214,19 @@ mod tests {
         }
         fs::write(dir.join(".tmp-abc-0011"), b"partial").unwrap();
         assert!(store.names().unwrap().is_empty());
+        // A fresh temporary may belong to a live writer: opening keeps it;
+        // an old one is removed.
+        DekStore::open(&dir, 16).unwrap();
+        assert!(dir.join(".tmp-abc-0011").exists());
+        let old = std::time::SystemTime::now() - 2 * STALE_TEMPORARY;
+        File::options()
+            .write(true)
+            .open(dir.join(".tmp-abc-0011"))
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        DekStore::open(&dir, 16).unwrap();
+        assert!(!dir.join(".tmp-abc-0011").exists());
         fs::remove_dir_all(dir).unwrap();
     }
 
