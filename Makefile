@@ -86,3 +86,8 @@ clean:
 bench: $(VENV)/.built $(REFVENV)/.done
 	test -x $(REFVENV)/bin/gunicorn || $(REFVENV)/bin/pip install --quiet gunicorn
 	VENV=$(VENV) REFVENV=$(REFVENV) BENCH_QUICK=$(BENCH_QUICK) $(PY) benchmarks/bench.py
+
+## make fuzz: every cargo-fuzz target for FUZZ_SECONDS each (not part of the test command)
+FUZZ_SECONDS ?= 60
+fuzz:
+	fuzz/run.sh $(FUZZ_SECONDS)
