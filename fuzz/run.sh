@@ -12,8 +12,6 @@
 #   FUZZ_BUILD_FLAGS="..."         cargo fuzz build flags (default: -a, i.e.
 #                                  release + debug assertions and overflow checks)
 #   FUZZ_TIMEOUT=20                seconds one input may take before it counts as a hang
-#   KMI_FUZZ_SKIP_KNOWN=1          step over the findings already reported in
-#                                  docs/fuzzing.md, so a run goes on past them
 set -euo pipefail
 
 secs="${1:-60}"

@@ -44,25 +44,3 @@ pub fn armour(label: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
     out.push_str(&format!("-----END {label}-----\n"));
     out.into_bytes()
 }
-
-/// With KMI_FUZZ_SKIP_KNOWN=1, run `f` and swallow a panic raised in a file
-/// whose path contains all of `known` (a finding already reported, see
-/// docs/fuzzing.md), returning None; any other panic still aborts the run as
-/// libFuzzer expects. Without the variable, `f` runs as it is.
-pub fn tolerate_known<R>(known: &'static [&'static str], f: impl FnOnce() -> R) -> Option<R> {
-    use std::sync::Once;
-    static HOOK: Once = Once::new();
-    if std::env::var_os("KMI_FUZZ_SKIP_KNOWN").is_none_or(|v| v != "1") {
-        return Some(f());
-    }
-    HOOK.call_once(|| {
-        let previous = std::panic::take_hook();
-        std::panic::set_hook(Box::new(move |info| {
-            let file = info.location().map(|l| l.file()).unwrap_or("");
-            if !known.iter().all(|k| file.contains(k)) {
-                previous(info);
-            }
-        }));
-    });
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok()
-}
