@@ -7,6 +7,7 @@ use cbc::cipher::{BlockModeDecrypt, BlockModeEncrypt, InnerIvInit, KeyInit};
 use md5::{Digest, Md5};
 use zeroize::Zeroizing;
 
+use crate::aesni::AesNi;
 use crate::errors::{KmiError, KmiResult};
 
 pub const BLOCK: usize = 16;
@@ -48,8 +49,8 @@ fn as_blocks_mut(buf: &mut [u8]) -> &mut [Block] {
     Block::slice_as_chunks_mut(buf).0
 }
 
-fn iv_block(iv: &[u8]) -> KmiResult<Block> {
-    Block::try_from(iv).map_err(|_| {
+fn iv_block(iv: &[u8]) -> KmiResult<[u8; BLOCK]> {
+    <[u8; BLOCK]>::try_from(iv).map_err(|_| {
         KmiError::BadArgument(format!(
             "initializationVector must be 16 bytes, not {}",
             iv.len()
@@ -57,25 +58,70 @@ fn iv_block(iv: &[u8]) -> KmiResult<Block> {
     })
 }
 
+/// The last block of `blocks`, or `chain` when there is none: the next CBC chaining value.
+fn last_or(blocks: &[u8], chain: &[u8; BLOCK]) -> [u8; BLOCK] {
+    *blocks.last_chunk::<BLOCK>().unwrap_or(chain)
+}
+
+/// The key schedule: for the AES-NI/VAES kernels when the CPU has AES-NI,
+/// else for the `aes` crate (software, or its own detection) with `cbc`.
+#[derive(Clone)]
+// Off x86-64 `Fast` holds an uninhabited type, so the variants differ in size.
+#[cfg_attr(not(target_arch = "x86_64"), allow(clippy::large_enum_variant))]
+enum Engine {
+    Fast(AesNi),
+    Soft(Aes256),
+}
+
 /// An expanded AES-256 key: expensive to build, cheap to clone, zeroized on drop.
 #[derive(Clone)]
 pub struct DataCipher {
-    aes: Aes256,
+    engine: Engine,
 }
 
 impl DataCipher {
     pub fn new(key: &[u8; 32]) -> Self {
+        let engine = match AesNi::new(key) {
+            Some(fast) => Engine::Fast(fast),
+            None => Engine::Soft(Aes256::new(key.into())),
+        };
+        DataCipher { engine }
+    }
+
+    /// The `aes`/`cbc` crate path regardless of the CPU, to test the two against each other.
+    #[cfg(test)]
+    fn soft(key: &[u8; 32]) -> Self {
         DataCipher {
-            aes: Aes256::new(key.into()),
+            engine: Engine::Soft(Aes256::new(key.into())),
         }
     }
 
-    fn encryptor(&self, iv: &Block) -> cbc::Encryptor<Aes256> {
-        cbc::Encryptor::inner_iv_init(self.aes.clone(), iv)
+    /// CBC-encrypt whole blocks of `input` into `out` (the same length) from
+    /// chaining value `chain`; returns the next chaining value.
+    fn encrypt_blocks(&self, chain: &[u8; BLOCK], input: &[u8], out: &mut [u8]) -> [u8; BLOCK] {
+        match &self.engine {
+            Engine::Fast(keys) => keys.encrypt_cbc(chain, input, out),
+            Engine::Soft(aes) => {
+                cbc::Encryptor::inner_iv_init(aes.clone(), &Block::from(*chain))
+                    .encrypt_blocks_b2b(as_blocks(input), as_blocks_mut(out))
+                    .expect("equal lengths");
+                last_or(out, chain)
+            }
+        }
     }
 
-    fn decryptor(&self, iv: &Block) -> cbc::Decryptor<Aes256> {
-        cbc::Decryptor::inner_iv_init(self.aes.clone(), iv)
+    /// CBC-decrypt whole blocks of `input` into `out` (the same length) from
+    /// chaining value `chain`; returns the next chaining value.
+    fn decrypt_blocks(&self, chain: &[u8; BLOCK], input: &[u8], out: &mut [u8]) -> [u8; BLOCK] {
+        match &self.engine {
+            Engine::Fast(keys) => keys.decrypt_cbc(chain, input, out),
+            Engine::Soft(aes) => {
+                cbc::Decryptor::inner_iv_init(aes.clone(), &Block::from(*chain))
+                    .decrypt_blocks_b2b(as_blocks(input), as_blocks_mut(out))
+                    .expect("equal lengths");
+                last_or(input, chain)
+            }
+        }
     }
 
     /// Length of `encrypt`'s output for `n` plaintext bytes (PKCS#7 always adds 1..=16).
@@ -89,14 +135,10 @@ impl DataCipher {
         debug_assert_eq!(out.len(), Self::padded_len(plain.len()));
         let full = plain.len() / BLOCK * BLOCK;
         let pad = (out.len() - plain.len()) as u8;
-        let mut enc = self.encryptor(&iv);
-        enc.encrypt_blocks_b2b(as_blocks(&plain[..full]), as_blocks_mut(&mut out[..full]))
-            .expect("equal lengths");
-        let mut last = Block::default();
+        let chain = self.encrypt_blocks(&iv, &plain[..full], &mut out[..full]);
+        let mut last = [pad; BLOCK];
         last[..plain.len() - full].copy_from_slice(&plain[full..]);
-        last[plain.len() - full..].fill(pad);
-        enc.encrypt_block(&mut last);
-        out[full..].copy_from_slice(&last);
+        self.encrypt_blocks(&chain, &last, &mut out[full..]);
         Ok(())
     }
 
@@ -121,7 +163,7 @@ impl DataCipher {
         Ok(data.len() - n)
     }
 
-    fn last_block(&self, iv: &[u8], data: &[u8]) -> KmiResult<Block> {
+    fn last_block(&self, iv: &[u8], data: &[u8]) -> KmiResult<[u8; BLOCK]> {
         let iv = iv_block(iv)?;
         if data.is_empty() || !data.len().is_multiple_of(BLOCK) {
             return Err(KmiError::bad_data(format!(
@@ -130,13 +172,9 @@ impl DataCipher {
             )));
         }
         let full = data.len() - BLOCK;
-        let chain = if full == 0 {
-            iv
-        } else {
-            Block::try_from(&data[full - BLOCK..full]).expect("one block")
-        };
-        let mut last = Block::try_from(&data[full..]).expect("one block");
-        self.decryptor(&chain).decrypt_block(&mut last);
+        let chain = last_or(&data[..full], &iv);
+        let mut last = [0u8; BLOCK];
+        self.decrypt_blocks(&chain, &data[full..], &mut last);
         Ok(last)
     }
 
@@ -146,9 +184,7 @@ impl DataCipher {
         let last = self.last_block(iv, data)?;
         let full = data.len() - BLOCK;
         debug_assert!(out.len() >= full && out.len() <= data.len());
-        self.decryptor(&iv_block(iv)?)
-            .decrypt_blocks_b2b(as_blocks(&data[..full]), as_blocks_mut(&mut out[..full]))
-            .expect("equal lengths");
+        self.decrypt_blocks(&iv_block(iv)?, &data[..full], &mut out[..full]);
         let rest = out.len() - full;
         out[full..].copy_from_slice(&last[..rest]);
         Ok(())
@@ -162,7 +198,8 @@ impl DataCipher {
 
     pub fn file_encryptor(&self, iv: &[u8]) -> KmiResult<FileEncryptor> {
         Ok(FileEncryptor {
-            mode: self.encryptor(&iv_block(iv)?),
+            chain: iv_block(iv)?,
+            cipher: self.clone(),
             tail: Vec::with_capacity(BLOCK),
             size: 0,
         })
@@ -178,7 +215,8 @@ impl DataCipher {
         }
         let size = u64::from_le_bytes(header[..8].try_into().expect("8 bytes"));
         Ok(FileDecryptor {
-            mode: self.decryptor(&iv_block(&header[8..])?),
+            chain: iv_block(&header[8..])?,
+            cipher: self.clone(),
             size,
             written: 0,
             tail: Vec::with_capacity(BLOCK),
@@ -189,7 +227,9 @@ impl DataCipher {
 /// Streaming encryption for the file format: whole blocks as they come, the
 /// final partial block padded with spaces.
 pub struct FileEncryptor {
-    mode: cbc::Encryptor<Aes256>,
+    cipher: DataCipher,
+    /// The CBC chaining value: the last ciphertext block so far, or the IV.
+    chain: [u8; BLOCK],
     tail: Vec<u8>,
     size: u64,
 }
@@ -205,27 +245,32 @@ impl FileEncryptor {
             if self.tail.len() < BLOCK {
                 return;
             }
-            let mut block = Block::try_from(&self.tail[..]).expect("one block");
-            self.mode.encrypt_block(&mut block);
-            out.extend_from_slice(&block);
-            self.tail.clear();
+            self.encrypt_tail(out);
         }
         let full = data.len() / BLOCK * BLOCK;
         let start = out.len();
         out.resize(start + full, 0);
-        self.mode
-            .encrypt_blocks_b2b(as_blocks(&data[..full]), as_blocks_mut(&mut out[start..]))
-            .expect("equal lengths");
+        self.chain = self
+            .cipher
+            .encrypt_blocks(&self.chain, &data[..full], &mut out[start..]);
         self.tail.extend_from_slice(&data[full..]);
+    }
+
+    /// Encrypt the (full) held-back block and empty it.
+    fn encrypt_tail(&mut self, out: &mut Vec<u8>) {
+        let start = out.len();
+        out.resize(start + BLOCK, 0);
+        self.chain = self
+            .cipher
+            .encrypt_blocks(&self.chain, &self.tail, &mut out[start..]);
+        self.tail.clear();
     }
 
     /// Pad the last partial block with spaces; returns the plaintext size for the header.
     pub fn finish(mut self, out: &mut Vec<u8>) -> u64 {
         if !self.tail.is_empty() {
             self.tail.resize(BLOCK, b' ');
-            let mut block = Block::try_from(&self.tail[..]).expect("one block");
-            self.mode.encrypt_block(&mut block);
-            out.extend_from_slice(&block);
+            self.encrypt_tail(out);
         }
         self.size
     }
@@ -234,7 +279,9 @@ impl FileEncryptor {
 /// Streaming decryption for the file format. It holds back the final block
 /// until the end of the stream so that it can check the length and the padding.
 pub struct FileDecryptor {
-    mode: cbc::Decryptor<Aes256>,
+    cipher: DataCipher,
+    /// The CBC chaining value: the last ciphertext block so far, or the IV.
+    chain: [u8; BLOCK],
     size: u64,
     written: u64,
     tail: Vec<u8>,
@@ -283,9 +330,9 @@ impl FileDecryptor {
         }
         let start = out.len();
         out.resize(start + data.len(), 0);
-        self.mode
-            .decrypt_blocks_b2b(as_blocks(data), as_blocks_mut(&mut out[start..]))
-            .expect("equal lengths");
+        self.chain = self
+            .cipher
+            .decrypt_blocks(&self.chain, data, &mut out[start..]);
         let keep = (self.size - self.written).min(data.len() as u64) as usize;
         let pad = &out[start + keep..];
         if !pad.iter().all(|b| *b == b' ') {
@@ -406,6 +453,31 @@ mod tests {
                 assert_eq!(decrypt_stream(&c, &reference, piece).unwrap(), &data[..len]);
             }
         }
+    }
+
+    #[test]
+    fn the_fast_kernels_match_the_aes_crate_path() {
+        let key = derive_cipher_key(b"another dek", b"87654321").unwrap();
+        let (fast, soft) = (DataCipher::new(&key), DataCipher::soft(&key));
+        let data: Vec<u8> = (0..5000u32).map(|i| (i * 31 + i / 7) as u8).collect();
+        for len in (0..300).chain([1000, 4095, 4096, 4097, 5000]) {
+            let enc = fast.encrypt(IV, &data[..len]).unwrap();
+            assert_eq!(enc, soft.encrypt(IV, &data[..len]).unwrap(), "{len}");
+            assert_eq!(soft.decrypt(IV, &enc).unwrap(), &data[..len]);
+            assert_eq!(fast.decrypt(IV, &enc).unwrap(), &data[..len]);
+            for piece in [1, 16, 100, 1 << 20] {
+                let file = encrypt_stream(&fast, &data[..len], piece);
+                assert_eq!(file, encrypt_stream(&soft, &data[..len], piece + 3));
+                assert_eq!(decrypt_stream(&soft, &file, piece).unwrap(), &data[..len]);
+                assert_eq!(
+                    decrypt_stream(&fast, &file, piece + 5).unwrap(),
+                    &data[..len]
+                );
+            }
+        }
+        let mut bad = fast.encrypt(IV, &data[..100]).unwrap();
+        bad[111] ^= 1;
+        assert!(fast.decrypt(IV, &bad).is_err() && soft.decrypt(IV, &bad).is_err());
     }
 
     #[test]
