@@ -1,6 +1,6 @@
-//! The file stream format on regular files: positional reads and writes, with
-//! the writes done by a second thread so that the file system's page-cache
-//! work overlaps with reading and the cipher.
+//! The file stream format on regular files: positional reads and writes, done
+//! by a reader and a writer thread so that the file system's page-cache work
+//! overlaps with the cipher.
 
 use std::fs::File;
 use std::io;
@@ -30,46 +30,77 @@ fn read_full_at(src: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     Ok(got)
 }
 
-/// Write what `produce` puts into its (cleared) buffer at consecutive offsets
-/// from `start`, on a second thread, until `produce` returns `false`.
-/// Returns the number of bytes written; the first error of either side wins.
-fn write_behind(
+/// Run `transform` over `src` from `src_off` to its end, `chunk` bytes at a
+/// time, writing its output to `dst` from `dst_start`. A reader thread reads
+/// ahead and a writer thread writes behind, so the page-cache copies overlap
+/// with the cipher on the calling thread. `transform(Some(data), out)` turns a
+/// chunk into output; `transform(None, out)` finishes at end of file.
+/// Returns (bytes read, bytes written); the first error of any side wins.
+fn pipeline(
+    src: &File,
+    src_off: u64,
+    chunk: usize,
     dst: &File,
-    start: u64,
-    mut produce: impl FnMut(&mut Vec<u8>) -> KmiResult<bool>,
-) -> KmiResult<u64> {
+    dst_start: u64,
+    mut transform: impl FnMut(Option<&[u8]>, &mut Vec<u8>) -> KmiResult<()>,
+) -> KmiResult<(u64, u64)> {
     std::thread::scope(|scope| {
-        // Two buffers in flight keep both threads busy; spent ones come back.
-        let (full_tx, full_rx) = mpsc::sync_channel::<(Vec<u8>, u64)>(2);
-        let (spent_tx, spent_rx) = mpsc::channel::<Vec<u8>>();
+        // Two buffers in flight on each side; spent ones are sent back.
+        let (read_tx, read_rx) = mpsc::sync_channel::<io::Result<Vec<u8>>>(2);
+        let (free_in_tx, free_in_rx) = mpsc::channel::<Vec<u8>>();
+        let (write_tx, write_rx) = mpsc::sync_channel::<(Vec<u8>, u64)>(2);
+        let (free_out_tx, free_out_rx) = mpsc::channel::<Vec<u8>>();
+        scope.spawn(move || {
+            let mut at = src_off;
+            loop {
+                let mut buf = free_in_rx.try_recv().unwrap_or_default();
+                buf.resize(chunk, 0);
+                let result = read_full_at(src, &mut buf, at).map(|n| {
+                    buf.truncate(n);
+                    at += n as u64;
+                    buf
+                });
+                let last = !matches!(&result, Ok(b) if !b.is_empty());
+                if read_tx.send(result).is_err() || last {
+                    return;
+                }
+            }
+        });
         let writer = scope.spawn(move || -> io::Result<()> {
-            for (buf, at) in full_rx {
+            for (buf, at) in write_rx {
                 dst.write_all_at(&buf, at)?;
-                let _ = spent_tx.send(buf);
+                let _ = free_out_tx.send(buf);
             }
             Ok(())
         });
-        let mut at = start;
-        let produced = (|| {
+        let (mut read, mut at) = (0u64, dst_start);
+        let produced = (|| -> KmiResult<()> {
             loop {
-                let mut buf = spent_rx.try_recv().unwrap_or_default();
-                buf.clear();
-                let more = produce(&mut buf)?;
-                let n = buf.len() as u64;
+                let input = read_rx
+                    .recv()
+                    .map_err(|_| io::Error::other("reader stopped"))??;
+                let mut out = free_out_rx.try_recv().unwrap_or_default();
+                out.clear();
+                let done = input.is_empty();
+                read += input.len() as u64;
+                transform((!done).then_some(&input[..]), &mut out)?;
+                let _ = free_in_tx.send(input);
+                let n = out.len() as u64;
                 if n > 0 {
-                    if full_tx.send((buf, at)).is_err() {
+                    if write_tx.send((out, at)).is_err() {
                         return Ok(()); // the writer failed: its error is reported below
                     }
                     at += n;
                 }
-                if !more {
+                if done {
                     return Ok(());
                 }
             }
         })();
-        drop(full_tx);
+        drop(write_tx);
+        drop(read_rx); // stops a reader that is still ahead after an error
         writer.join().expect("the writer thread does not panic")?;
-        produced.map(|()| at - start)
+        produced.map(|()| (read, at - dst_start))
     })
 }
 
@@ -89,24 +120,19 @@ pub fn encrypt_file_at(
     let mut header = [0u8; FILE_HEADER];
     header[8..].copy_from_slice(iv);
     dst.write_all_at(&header, dst_off)?;
-    let mut input = vec![0u8; chunk.max(BLOCK)];
-    let mut read = 0u64;
-    let mut size = None;
-    let body = write_behind(dst, dst_off + FILE_HEADER as u64, |out| {
-        let n = read_full_at(src, &mut input, src_off + read)?;
-        read += n as u64;
-        if n == 0 {
-            size = enc.take().map(|e| e.finish(out));
-            return Ok(false);
+    let mut size = 0;
+    let body = dst_off + FILE_HEADER as u64;
+    let (read, written) = pipeline(src, src_off, chunk.max(BLOCK), dst, body, |data, out| {
+        match data {
+            Some(data) => enc.as_mut().expect("not finished").update(data, out),
+            None => size = enc.take().expect("not finished").finish(out),
         }
-        enc.as_mut().expect("not finished").update(&input[..n], out);
-        Ok(true)
+        Ok(())
     })?;
-    let size = size.expect("the stream was finished");
     dst.write_all_at(&size.to_le_bytes(), dst_off)?;
     Ok(Moved {
         read,
-        written: FILE_HEADER as u64 + body,
+        written: FILE_HEADER as u64 + written,
     })
 }
 
@@ -122,21 +148,22 @@ pub fn decrypt_file_at(
     let mut header = [0u8; FILE_HEADER];
     let n = read_full_at(src, &mut header, src_off)?;
     let mut dec = Some(cipher.file_decryptor(&header[..n])?);
-    let mut input = vec![0u8; chunk.max(BLOCK)];
-    let mut read = FILE_HEADER as u64;
-    let written = write_behind(dst, dst_off, |out| {
-        let n = read_full_at(src, &mut input, src_off + read)?;
-        read += n as u64;
-        if n == 0 {
-            dec.take().expect("not finished").finish()?;
-            return Ok(false);
-        }
-        dec.as_mut()
-            .expect("not finished")
-            .update(&input[..n], out)?;
-        Ok(true)
-    })?;
-    Ok(Moved { read, written })
+    let body = src_off + FILE_HEADER as u64;
+    let (read, written) = pipeline(
+        src,
+        body,
+        chunk.max(BLOCK),
+        dst,
+        dst_off,
+        |data, out| match data {
+            Some(data) => dec.as_mut().expect("not finished").update(data, out),
+            None => dec.take().expect("not finished").finish(),
+        },
+    )?;
+    Ok(Moved {
+        read: FILE_HEADER as u64 + read,
+        written,
+    })
 }
 
 #[cfg(test)]
