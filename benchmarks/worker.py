@@ -181,6 +181,9 @@ class Worker:
         kek = self.keks[kind]
         fac.getEncryptionKey(kek)
         remove(dst)
+        # Start from a clean page cache: the write-back of an earlier round's
+        # 256 MiB would otherwise compete with this one (both sides alike).
+        os.sync()
         t0 = time.perf_counter()
         with open(src, 'rb') as fsrc, open(dst, 'wb') as fdst:
             if which == 'encrypt':

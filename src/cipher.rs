@@ -131,8 +131,15 @@ impl DataCipher {
     /// every part starts from the ciphertext block preceding it. The output
     /// is the same as `decrypt_blocks`.
     fn decrypt_blocks_parallel(&self, chain: &[u8; BLOCK], input: &[u8], out: &mut [u8]) {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
-        if threads < 2 || input.len() < PARALLEL_DECRYPT_BYTES {
+        if input.len() < PARALLEL_DECRYPT_BYTES {
+            self.decrypt_blocks(chain, input, out);
+            return;
+        }
+        // Asked once: the call reads cgroup files and costs microseconds.
+        static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+        let threads = *CORES
+            .get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(4)));
+        if threads < 2 {
             self.decrypt_blocks(chain, input, out);
             return;
         }
