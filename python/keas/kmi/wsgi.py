@@ -94,7 +94,8 @@ class KeyManagementApplication:
         except Exception:
             log.exception('internal error on POST /key from %s', client)
             status, body, outcome = '500 Internal Server Error', b'Internal server error', 'error'
-        log.info('data key %s for %s: %s', key_name(kek), client, outcome)
+        if log.isEnabledFor(logging.INFO):  # the md5 costs more than the lookup
+            log.info('data key %s for %s: %s', key_name(kek), client, outcome)
         start_response(status, [('Content-Type', 'text/plain'),
                                 ('Content-Length', str(len(body)))])
         return [body]
