@@ -18,3 +18,5 @@ def test_one_gib_file_in_bounded_memory(tmp_path):
     assert result['round_trip_ok']
     assert result['encrypt_growth_mib'] < 64, result
     assert result['decrypt_growth_mib'] < 64, result
+    assert result['file_encrypt_growth_mib'] < 64, result
+    assert result['file_decrypt_growth_mib'] < 64, result
