@@ -954,7 +954,7 @@ end
         lines += self.raw
         text = '\n'.join(lines) + '\n'
         print(text, end='')
-        day = datetime.date.today().isoformat()
+        day = time.strftime('%Y-%m-%d-%H%M')  # two runs of one commit keep both files
         if QUICK:
             path = os.path.join(WORK, '%s-%s-quick.txt' % (day, sha))
         else:
