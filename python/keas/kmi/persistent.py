@@ -55,44 +55,34 @@ _PLAIN_TYPES = frozenset([str, bytes, int, float, bool, type(None), tuple,
                           list, dict, set, frozenset, complex])
 
 
-class _ReferencePickler(Pickler):
-
-    def __init__(self, file):
-        Pickler.__init__(self, file, 2)
-        self.refs = []
-        self._index = {}
-
-    def persistent_id(self, obj):
-        if type(obj) in _PLAIN_TYPES or not isinstance(obj, _REFERENCE_TYPES):
-            return None
-        index = self._index.get(id(obj))
-        if index is None:
-            index = self._index[id(obj)] = len(self.refs)
-            self.refs.append(obj)
-        return index
-
-
-class _ReferenceUnpickler(Unpickler):
-
-    def __init__(self, file, refs):
-        Unpickler.__init__(self, file)
-        self.refs = refs
-
-    def persistent_load(self, index):
-        return self.refs[index]
-
-
 def pickle_nonpersistent(state):
     """A protocol-2 pickle of ``state`` and the persistent objects it refers to."""
     buf = io.BytesIO()
-    pickler = _ReferencePickler(buf)
+    refs = []
+    index = {}
+
+    def persistent_id(obj):
+        if type(obj) in _PLAIN_TYPES or not isinstance(obj, _REFERENCE_TYPES):
+            return None
+        i = index.get(id(obj))
+        if i is None:
+            i = index[id(obj)] = len(refs)
+            refs.append(obj)
+        return i
+
+    # A plain C pickler with a persistent_id attribute: a subclass with an
+    # __init__ of its own costs a third more per object.
+    pickler = Pickler(buf, 2)
+    pickler.persistent_id = persistent_id
     pickler.dump(state)
-    return buf.getvalue(), pickler.refs
+    return buf.getvalue(), refs
 
 
 def unpickle_nonpersistent(data, persistent_refs):
     """The reverse of ``pickle_nonpersistent``."""
-    return _ReferenceUnpickler(io.BytesIO(data), persistent_refs).load()
+    unpickler = Unpickler(io.BytesIO(data))
+    unpickler.persistent_load = persistent_refs.__getitem__
+    return unpickler.load()
 
 
 def convert_object_to_encrypted(obj):
