@@ -226,7 +226,7 @@ fn evict<S: std::hash::BuildHasher>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kek::tests::TESTING_KEK;
+    use crate::kek::TESTING_KEK;
 
     fn temp_dir() -> String {
         let mut n = [0u8; 6];

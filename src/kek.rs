@@ -11,6 +11,20 @@ use zeroize::Zeroizing;
 use crate::errors::{KmiError, KmiResult};
 use crate::pem;
 
+/// The published 512-bit, e = 161 testing KEK of keas.kmi (unencrypted
+/// PKCS#1): `keas.kmi.testing` hands it out, test databases are encrypted
+/// under it, and the tests and fuzz targets use it.
+pub const TESTING_KEK: &[u8] = b"-----BEGIN RSA PRIVATE KEY-----
+MIIBOAIBAAJBAL+VS9lDsS9XOaeJppfK9lhxKMRFdcg50MR3aJEQK9rvDEqNwBS9
+rQlU/x/NWxG0vvFCnrDn7VvQN+syb3+a0DMCAgChAkAzKw3lwPxw0VVccq1J7qeO
+4DXR1iEMIoWruiCyq0aLkHnQzrZpaHnd4w+JNKIGOVDEWItf3iZNMXkoqj2hoPmp
+AiEA5kWTkYrfH+glJUfV/GvU6jcPSNctcJCnqTfMjQU0KEUCIQDU/R3iz5Lojw1S
+R1v6C5gdY/mrQydegHVGFS/p276KFwIgDk124UnRb7IyAlDI6xteUVSDVZ4Pivd+
+fP6yEkylbQkCIDo1Ri4VvzRtDsVkmFdqhcucHhIu+UTCHN6uVjy7QmIpAiB7Gl9m
+F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
+-----END RSA PRIVATE KEY-----
+";
+
 /// Moduli above this are refused before any arithmetic, so an absurd KEK fails fast.
 pub const MAX_MODULUS_BITS: usize = 16384;
 
@@ -148,18 +162,6 @@ impl Kek {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-
-    /// The published 512-bit, e = 161 testing KEK of keas.kmi (unencrypted PKCS#1).
-    pub const TESTING_KEK: &[u8] = b"-----BEGIN RSA PRIVATE KEY-----
-MIIBOAIBAAJBAL+VS9lDsS9XOaeJppfK9lhxKMRFdcg50MR3aJEQK9rvDEqNwBS9
-rQlU/x/NWxG0vvFCnrDn7VvQN+syb3+a0DMCAgChAkAzKw3lwPxw0VVccq1J7qeO
-4DXR1iEMIoWruiCyq0aLkHnQzrZpaHnd4w+JNKIGOVDEWItf3iZNMXkoqj2hoPmp
-AiEA5kWTkYrfH+glJUfV/GvU6jcPSNctcJCnqTfMjQU0KEUCIQDU/R3iz5Lojw1S
-R1v6C5gdY/mrQydegHVGFS/p276KFwIgDk124UnRb7IyAlDI6xteUVSDVZ4Pivd+
-fP6yEkylbQkCIDo1Ri4VvzRtDsVkmFdqhcucHhIu+UTCHN6uVjy7QmIpAiB7Gl9m
-F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
------END RSA PRIVATE KEY-----
-";
 
     #[test]
     fn testing_kek_wraps_and_unwraps() {

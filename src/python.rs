@@ -504,5 +504,6 @@ fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encrypt_file, m)?)?;
     m.add_function(wrap_pyfunction!(decrypt_file, m)?)?;
     m.add_function(wrap_pyfunction!(kek_name, m)?)?;
+    m.add("TESTING_KEK", PyBytes::new(m.py(), crate::kek::TESTING_KEK))?;
     Ok(())
 }

@@ -4,18 +4,9 @@
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 
-/// The published 512-bit, e = 161 testing KEK of keas.kmi (unencrypted
-/// PKCS#1), the same as `kek::tests::TESTING_KEK` in src/kek.rs.
-pub const TESTING_KEK: &[u8] = b"-----BEGIN RSA PRIVATE KEY-----
-MIIBOAIBAAJBAL+VS9lDsS9XOaeJppfK9lhxKMRFdcg50MR3aJEQK9rvDEqNwBS9
-rQlU/x/NWxG0vvFCnrDn7VvQN+syb3+a0DMCAgChAkAzKw3lwPxw0VVccq1J7qeO
-4DXR1iEMIoWruiCyq0aLkHnQzrZpaHnd4w+JNKIGOVDEWItf3iZNMXkoqj2hoPmp
-AiEA5kWTkYrfH+glJUfV/GvU6jcPSNctcJCnqTfMjQU0KEUCIQDU/R3iz5Lojw1S
-R1v6C5gdY/mrQydegHVGFS/p276KFwIgDk124UnRb7IyAlDI6xteUVSDVZ4Pivd+
-fP6yEkylbQkCIDo1Ri4VvzRtDsVkmFdqhcucHhIu+UTCHN6uVjy7QmIpAiB7Gl9m
-F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
------END RSA PRIVATE KEY-----
-";
+/// The published 512-bit, e = 161 testing KEK of keas.kmi.
+#[allow(unused_imports)] // not every target uses it
+pub use _kmi::kek::TESTING_KEK;
 
 /// The passphrase the targets use when the input does not choose one.
 pub const PASSPHRASE: &[u8] = b"key management facility";

@@ -3,6 +3,9 @@ from typing import Any, Callable, Optional
 
 Buffer = bytes | bytearray | memoryview
 
+TESTING_KEK: bytes
+"""The published 512-bit testing KEK of keas.kmi (unencrypted PKCS#1 PEM)."""
+
 def derive_key(dek: Buffer, salt: bytes) -> bytes:
     """The AES-256 key for a DEK (md5-based, as keas.kmi always derived it)."""
 

@@ -8,17 +8,8 @@ from zope.interface import implementer
 from keas.kmi import _kmi, facility, interfaces, rest
 
 # The published testing key of keas.kmi: 512-bit RSA, e = 161, unencrypted
-# PKCS#1. Existing test databases are encrypted under it.
-KeyEncyptingKey = b'''-----BEGIN RSA PRIVATE KEY-----
-MIIBOAIBAAJBAL+VS9lDsS9XOaeJppfK9lhxKMRFdcg50MR3aJEQK9rvDEqNwBS9
-rQlU/x/NWxG0vvFCnrDn7VvQN+syb3+a0DMCAgChAkAzKw3lwPxw0VVccq1J7qeO
-4DXR1iEMIoWruiCyq0aLkHnQzrZpaHnd4w+JNKIGOVDEWItf3iZNMXkoqj2hoPmp
-AiEA5kWTkYrfH+glJUfV/GvU6jcPSNctcJCnqTfMjQU0KEUCIQDU/R3iz5Lojw1S
-R1v6C5gdY/mrQydegHVGFS/p276KFwIgDk124UnRb7IyAlDI6xteUVSDVZ4Pivd+
-fP6yEkylbQkCIDo1Ri4VvzRtDsVkmFdqhcucHhIu+UTCHN6uVjy7QmIpAiB7Gl9m
-F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
------END RSA PRIVATE KEY-----
-'''
+# PKCS#1 PEM. Existing test databases are encrypted under it.
+KeyEncyptingKey = _kmi.TESTING_KEK
 
 # Its DEK (32 bytes), wrapped with PKCS#1 v1.5 under the key above.
 EncryptedEncryptionKey = (
