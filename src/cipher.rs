@@ -325,10 +325,6 @@ pub struct FileDecryptor {
 }
 
 impl FileDecryptor {
-    pub fn size(&self) -> u64 {
-        self.size
-    }
-
     /// The ciphertext length the header promises (u128: a corrupt header may say 2^64 - 1).
     fn padded_size(&self) -> u128 {
         u128::from(self.size).div_ceil(BLOCK as u128) * BLOCK as u128

@@ -449,11 +449,6 @@ impl Facility {
         decrypt_bytes(py, &cipher, iv, &bytes_like(data, "data")?)
     }
 
-    #[getter]
-    fn storage_dir(&self) -> String {
-        self.inner.store().dir().to_string_lossy().into_owned()
-    }
-
     /// Names of the stored DEKs.
     fn names(&self, py: Python<'_>) -> PyResult<Vec<String>> {
         Ok(py.detach(|| self.inner.store().names())?)

@@ -77,10 +77,6 @@ impl DekStore {
         })
     }
 
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn path(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}{SUFFIX}"))
     }

@@ -25,7 +25,6 @@ def kek_name(kek: Buffer) -> str:
     """md5 hex digest of the KEK bytes: the name of its .dek file."""
 
 class Facility:
-    storage_dir: str
     def __init__(self, storage_dir: str, max_cached_deks: int = 10000,
                  on_fetch: Optional[Callable[[str], Any]] = None) -> None: ...
     def generate(self, bits: int, exponent: int, passphrase: bytes,
