@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 use crate::cipher::{derive_cipher_key, DataCipher, FILE_HEADER};
 use crate::errors::KmiError;
 use crate::facility::{self, DekPolicy};
-use crate::files::{decrypt_file_at, encrypt_file_at};
+use crate::files::{decrypt_file_at, encrypt_file_at, Moved};
 
 /// Bulk work below this many bytes keeps the GIL: the hand-off costs more.
 const DETACH_BYTES: usize = 64 * 1024;
@@ -227,6 +227,29 @@ fn run<T: Send>(py: Python<'_>, big: bool, f: impl FnOnce() -> T + Send) -> T {
     }
 }
 
+/// Run `op` with positional I/O when both `fsrc` and `fdst` are regular
+/// files, GIL released, then leave both file objects positioned after what
+/// was read and written. Returns false (doing nothing) for other streams.
+fn between_files(
+    py: Python<'_>,
+    fsrc: &Bound<'_, PyAny>,
+    fdst: &Bound<'_, PyAny>,
+    chunksize: usize,
+    op: impl FnOnce(&File, u64, &File, u64, usize) -> crate::errors::KmiResult<Moved> + Send,
+) -> PyResult<bool> {
+    let (Some(src), Some(dst)) = (regular_file(fsrc, false)?, regular_file(fdst, true)?) else {
+        return Ok(false);
+    };
+    let src_off: u64 = fsrc.call_method0("tell")?.extract()?;
+    fdst.call_method0("flush")?;
+    let dst_off: u64 = fdst.call_method0("tell")?.extract()?;
+    let chunk = chunksize.max(FILE_CHUNK);
+    let moved = py.detach(|| op(&src, src_off, &dst, dst_off, chunk))?;
+    fsrc.call_method1("seek", (src_off + moved.read,))?;
+    fdst.call_method1("seek", (dst_off + moved.written,))?;
+    Ok(true)
+}
+
 /// Stream `fsrc` into `fdst` in the keas.kmi file format (size, IV, AES-256-CBC, space padding).
 #[pyfunction]
 #[pyo3(signature = (key, fsrc, fdst, chunksize = 24 * 1024))]
@@ -241,15 +264,10 @@ fn encrypt_file(
     let chunksize = chunksize.max(1);
     let mut iv = [0u8; 16];
     getrandom::fill(&mut iv).map_err(|e| PyErr::from(std::io::Error::other(e)))?;
-    if let (Some(src), Some(dst)) = (regular_file(fsrc, false)?, regular_file(fdst, true)?) {
-        let src_off: u64 = fsrc.call_method0("tell")?.extract()?;
-        fdst.call_method0("flush")?;
-        let dst_off: u64 = fdst.call_method0("tell")?.extract()?;
-        let chunk = chunksize.max(FILE_CHUNK);
-        let moved =
-            py.detach(|| encrypt_file_at(&cipher, &iv, &src, src_off, &dst, dst_off, chunk))?;
-        fsrc.call_method1("seek", (src_off + moved.read,))?;
-        fdst.call_method1("seek", (dst_off + moved.written,))?;
+    let encrypt_at = |src: &File, src_off, dst: &File, dst_off, chunk| {
+        encrypt_file_at(&cipher, &iv, src, src_off, dst, dst_off, chunk)
+    };
+    if between_files(py, fsrc, fdst, chunksize, encrypt_at)? {
         return Ok(());
     }
     let mut enc = cipher.file_encryptor(&iv)?;
@@ -295,15 +313,10 @@ fn decrypt_file(
 ) -> PyResult<()> {
     let cipher = cipher_from_key(key)?;
     let chunksize = chunksize.max(1);
-    if let (Some(src), Some(dst)) = (regular_file(fsrc, false)?, regular_file(fdst, true)?) {
-        let src_off: u64 = fsrc.call_method0("tell")?.extract()?;
-        fdst.call_method0("flush")?;
-        let dst_off: u64 = fdst.call_method0("tell")?.extract()?;
-        let chunk = chunksize.max(FILE_CHUNK);
-        let result = py.detach(|| decrypt_file_at(&cipher, &src, src_off, &dst, dst_off, chunk));
-        let moved = result?;
-        fsrc.call_method1("seek", (src_off + moved.read,))?;
-        fdst.call_method1("seek", (dst_off + moved.written,))?;
+    let decrypt_at = |src: &File, src_off, dst: &File, dst_off, chunk| {
+        decrypt_file_at(&cipher, src, src_off, dst, dst_off, chunk)
+    };
+    if between_files(py, fsrc, fdst, chunksize, decrypt_at)? {
         return Ok(());
     }
     let header = read_full(fsrc, FILE_HEADER)?;

@@ -9,7 +9,6 @@ answer. ``python -m keas.kmi.wsgi server.ini`` serves it with gunicorn using the
 import argparse
 import configparser
 import errno
-import hashlib
 import logging
 import os
 import stat
@@ -18,7 +17,7 @@ import sys
 from webob import Request
 from webob import Response
 
-from keas.kmi import rest
+from keas.kmi import _kmi, rest
 
 log = logging.getLogger('kmi')
 
@@ -26,9 +25,8 @@ log = logging.getLogger('kmi')
 MAX_KEK_SIZE = 64 * 1024
 
 
-def key_name(kek):
-    """The name the storage directory knows a KEK by: md5 hex of its bytes."""
-    return hashlib.md5(kek, usedforsecurity=False).hexdigest()
+# The name the storage directory knows a KEK by: md5 hex of its bytes.
+key_name = _kmi.kek_name
 
 
 def _plain(status, text, headers=()):
@@ -85,6 +83,13 @@ class KeyManagementApplication:
             return _plain(413, 'Request body too large',
                           [('Connection', 'close')])(environ, start_response)
         kek = environ['wsgi.input'].read(length)
+        status, body = self.answer_key(kek, client)
+        start_response(status, [('Content-Type', 'text/plain'),
+                                ('Content-Length', str(len(body)))])
+        return [body]
+
+    def answer_key(self, kek, client):
+        """(status, body) for a DEK request, logged by the KEK's name."""
         try:
             status, body, outcome = '200 OK', self.facility.getEncryptionKey(kek), 'sent'
         except KeyError:
@@ -96,9 +101,7 @@ class KeyManagementApplication:
             status, body, outcome = '500 Internal Server Error', b'Internal server error', 'error'
         if log.isEnabledFor(logging.INFO):  # the md5 costs more than the lookup
             log.info('data key %s for %s: %s', key_name(kek), client, outcome)
-        start_response(status, [('Content-Type', 'text/plain'),
-                                ('Content-Length', str(len(body)))])
-        return [body]
+        return status, body
 
     def handle(self, request):
         route = self.routes.get(request.path_info)
@@ -134,15 +137,9 @@ class KeyManagementApplication:
                 request.remote_addr, self.max_kek_size,
             )
             return _plain(413, 'Request body too large', [('Connection', 'close')])
-        request.body = kek
-        response = rest.get_key(self.facility, request)
-        outcome = {200: 'sent', 404: 'not found', 400: 'invalid KEK'}.get(
-            response.status_code, response.status
-        )
-        log.info(
-            'data key %s for %s: %s', key_name(kek), request.remote_addr, outcome
-        )
-        return response
+        status, body = self.answer_key(kek, request.remote_addr)
+        return Response(body=body, status=status,
+                        headerlist=[('Content-Type', 'text/plain')])
 
     def read_kek(self, request):
         """The request body, or None when it is longer than a KEK can be."""
