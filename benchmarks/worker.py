@@ -260,7 +260,9 @@ class Worker:
                 hashlib.sha256(b'%d' % i).digest() * 4,
                 {'index': i, 'even': i % 2 == 0, 'label': 'tag%d' % (i % 7)})
 
-    def _zodb_load(self, path, n):
+    def _zodb_load(self, path, fields):
+        """Load every record through a new DB and connection; check each
+        against ``fields`` (made before the clock started)."""
         import ZODB
         import ZODB.FileStorage
         db = ZODB.DB(ZODB.FileStorage.FileStorage(path, read_only=True))
@@ -269,11 +271,12 @@ class Worker:
             records = conn.root()['records']
             count = 0
             for i, record in records.items():
-                name, payload, tags = self._record_fields(i)
+                name, payload, tags = fields[i]
                 if (record.number != i or record.name != name
                         or record.payload != payload or record.tags != tags):
                     raise CheckFailed('ZODB record %d read back wrong' % i)
                 count += 1
+            n = len(fields)
             check(count == n, 'ZODB read %d records, not %d' % (count, n))
             # The stored state must be ciphertext, not a readable pickle.
             some = records[n // 2]
@@ -295,19 +298,21 @@ class Worker:
         self._zodb_setup(store)
         for suffix in ('', '.index', '.lock', '.tmp'):
             remove(path + suffix)
+        # The records' contents are test data, made before the clock starts.
+        fields = [self._record_fields(i) for i in range(n)]
         t0 = time.perf_counter()
         db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
         try:
             conn = db.open()
             records = conn.root()['records'] = BTrees.OOBTree.OOBTree()
             for i in range(n):
-                records[i] = Record(i, *self._record_fields(i))
+                records[i] = Record(i, *fields[i])
             transaction.commit()
             conn.close()
         finally:
             db.close()
         t1 = time.perf_counter()
-        self._zodb_load(path, n)
+        self._zodb_load(path, fields)
         t2 = time.perf_counter()
         return {'seconds': t2 - t0, 'commit': t1 - t0, 'load': t2 - t1,
                 'objects': n}
@@ -315,7 +320,7 @@ class Worker:
     def op_zodb_verify(self, path, n, store):
         """Read a database the other side wrote (untimed)."""
         self._zodb_setup(store)
-        self._zodb_load(path, n)
+        self._zodb_load(path, [self._record_fields(i) for i in range(n)])
         return {}
 
 

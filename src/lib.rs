@@ -13,3 +13,5 @@ pub mod store;
 
 #[cfg(feature = "python")]
 mod python;
+#[cfg(feature = "python")]
+mod state;

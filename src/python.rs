@@ -503,6 +503,23 @@ impl Facility {
     }
 }
 
+/// The protocol-2 pickle of an `EncryptedPersistent` state made of builtin
+/// values only, byte for byte as zodbpickle writes it; `None` otherwise.
+#[pyfunction]
+fn dump_state<'py>(py: Python<'py>, state: &Bound<'py, PyAny>) -> Option<Bound<'py, PyBytes>> {
+    crate::state::dump(state).map(|data| PyBytes::new(py, &data))
+}
+
+/// The state in a pickle that `dump_state` could have written; `default`
+/// for any other pickle (zodbpickle then reads it).
+#[pyfunction]
+fn load_state<'py>(data: &Bound<'py, PyAny>, default: Bound<'py, PyAny>) -> Bound<'py, PyAny> {
+    match data.cast_exact::<PyBytes>() {
+        Ok(bytes) => crate::state::load(data.py(), bytes.as_bytes()).unwrap_or(default),
+        Err(_) => default,
+    }
+}
+
 #[pymodule(gil_used = false)]
 fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Facility>()?;
@@ -512,6 +529,8 @@ fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encrypt_file, m)?)?;
     m.add_function(wrap_pyfunction!(decrypt_file, m)?)?;
     m.add_function(wrap_pyfunction!(kek_name, m)?)?;
+    m.add_function(wrap_pyfunction!(dump_state, m)?)?;
+    m.add_function(wrap_pyfunction!(load_state, m)?)?;
     m.add("TESTING_KEK", PyBytes::new(m.py(), crate::kek::TESTING_KEK))?;
     Ok(())
 }

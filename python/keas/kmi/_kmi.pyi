@@ -21,6 +21,12 @@ def encrypt_file(key: bytes, fsrc: Any, fdst: Any, chunksize: int = ...) -> None
 def decrypt_file(key: bytes, fsrc: Any, fdst: Any, chunksize: int = ...) -> None:
     """Reverse of encrypt_file; ValueError on a damaged stream."""
 
+def dump_state(state: Any) -> Optional[bytes]:
+    """zodbpickle's protocol-2 pickle of a state of builtin values; None otherwise."""
+
+def load_state(data: Any, default: Any) -> Any:
+    """The state in a pickle of builtin values; ``default`` for any other pickle."""
+
 def kek_name(kek: Buffer) -> str:
     """md5 hex digest of the KEK bytes: the name of its .dek file."""
 

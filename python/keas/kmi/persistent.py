@@ -12,8 +12,9 @@ import threading
 import persistent
 import persistent.wref
 from zodbpickle.pickle import Pickler, Unpickler
-from zope.component import getUtility
+from zope.component import ComponentLookupError, getSiteManager
 
+from keas.kmi import _kmi
 from keas.kmi.interfaces import IEncryptionService, IKeyHolder
 
 # Set by convert_object_to_encrypted while it loads one object's plain state.
@@ -32,10 +33,22 @@ class EncryptedPersistent(persistent.Persistent):
         super(EncryptedPersistent, self).__setstate__(state)
 
 
+def _key_and_service():
+    """The key holder's key and the encryption service: ``getUtility`` for
+    both, from one site manager lookup."""
+    registry = getSiteManager()
+    holder = registry.queryUtility(IKeyHolder)
+    if holder is None:
+        raise ComponentLookupError(IKeyHolder, '')
+    service = registry.queryUtility(IEncryptionService)
+    if service is None:
+        raise ComponentLookupError(IEncryptionService, '')
+    return holder.key, service
+
+
 def encrypt_state(state):
     """``(encrypt(key, pickle), references)`` for an object's plain state."""
-    key = getUtility(IKeyHolder).key
-    service = getUtility(IEncryptionService)
+    key, service = _key_and_service()
     data, refs = pickle_nonpersistent(state)
     return service.encrypt(key, data), refs
 
@@ -43,8 +56,7 @@ def encrypt_state(state):
 def decrypt_state(state):
     """The plain state from what ``encrypt_state`` returned."""
     encrypted, refs = state
-    key = getUtility(IKeyHolder).key
-    service = getUtility(IEncryptionService)
+    key, service = _key_and_service()
     return unpickle_nonpersistent(service.decrypt(key, encrypted), refs)
 
 
@@ -57,6 +69,11 @@ _PLAIN_TYPES = frozenset([str, bytes, int, float, bool, type(None), tuple,
 
 def pickle_nonpersistent(state):
     """A protocol-2 pickle of ``state`` and the persistent objects it refers to."""
+    # A state of builtin values only (the usual case) is pickled in Rust, to
+    # the same bytes; anything else goes through zodbpickle.
+    data = _kmi.dump_state(state)
+    if data is not None:
+        return data, []
     buf = io.BytesIO()
     refs = []
     index = {}
@@ -78,8 +95,16 @@ def pickle_nonpersistent(state):
     return buf.getvalue(), refs
 
 
+# What _kmi.load_state answers for a pickle it leaves to zodbpickle.
+_UNREAD = object()
+
+
 def unpickle_nonpersistent(data, persistent_refs):
     """The reverse of ``pickle_nonpersistent``."""
+    if not persistent_refs:
+        state = _kmi.load_state(data, _UNREAD)
+        if state is not _UNREAD:
+            return state
     unpickler = Unpickler(io.BytesIO(data))
     unpickler.persistent_load = persistent_refs.__getitem__
     return unpickler.load()
