@@ -291,29 +291,31 @@ mod x86 {
     }
 
     /// CBC encryption: serial, one block at a time, the round keys in registers.
+    ///
+    /// The chain is only AES rounds: the last round's key addition also adds
+    /// the next plaintext block and the first round key (`aesenclast(y, k14 ^
+    /// p ^ k0)` is `aesenclast(y, k14) ^ p ^ k0`), so the next block's state
+    /// comes out of the same instruction that the ciphertext does, and no XOR
+    /// waits between two blocks.
     #[target_feature(enable = "aes")]
     fn encrypt_aesni(ek: &RoundKeys, iv: &[u8; 16], input: &[u8], out: &mut [u8]) {
         let k = load_keys(ek);
-        let mut c = load128(iv);
         let src = input.as_chunks::<16>().0;
         let dst = out.as_chunks_mut::<16>().0;
-        for (s, d) in src.iter().zip(dst) {
-            c = _mm_xor_si128(c, _mm_xor_si128(load128(s), k[0]));
-            c = _mm_aesenc_si128(c, k[1]);
-            c = _mm_aesenc_si128(c, k[2]);
-            c = _mm_aesenc_si128(c, k[3]);
-            c = _mm_aesenc_si128(c, k[4]);
-            c = _mm_aesenc_si128(c, k[5]);
-            c = _mm_aesenc_si128(c, k[6]);
-            c = _mm_aesenc_si128(c, k[7]);
-            c = _mm_aesenc_si128(c, k[8]);
-            c = _mm_aesenc_si128(c, k[9]);
-            c = _mm_aesenc_si128(c, k[10]);
-            c = _mm_aesenc_si128(c, k[11]);
-            c = _mm_aesenc_si128(c, k[12]);
-            c = _mm_aesenc_si128(c, k[13]);
-            c = _mm_aesenclast_si128(c, k[14]);
-            store128(d, c);
+        let Some(first) = src.first() else {
+            return;
+        };
+        let last_k0 = _mm_xor_si128(k[14], k[0]);
+        let mut x = _mm_xor_si128(load128(iv), _mm_xor_si128(load128(first), k[0]));
+        for (i, d) in dst.iter_mut().enumerate() {
+            let mut y = _mm_aesenc_si128(x, k[1]);
+            for rk in &k[2..14] {
+                y = _mm_aesenc_si128(y, *rk);
+            }
+            store128(d, _mm_aesenclast_si128(y, k[14]));
+            if let Some(next) = src.get(i + 1) {
+                x = _mm_aesenclast_si128(y, _mm_xor_si128(last_k0, load128(next)));
+            }
         }
     }
 
