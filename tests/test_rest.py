@@ -204,6 +204,18 @@ def test_unknown_paths_are_404(path):
     assert response.headers['Content-Type'] == 'text/plain'
 
 
+@pytest.mark.parametrize('method', ['GET', 'POST'])
+def test_paths_that_are_not_utf8_are_404(method, caplog):
+    # A server hands the path over as latin-1 text; b'/\xffnew' is not UTF-8,
+    # which webob's path_info cannot decode (found by fuzzing the worker).
+    environ = Request.blank('/', method=method, remote_addr=CLIENT).environ
+    environ['PATH_INFO'] = b'/\xffnew'.decode('latin-1')
+    response = Request(environ).get_response(
+        wsgi.KeyManagementApplication(StubFacility()))
+    assert response.status_code == 404
+    assert 'Traceback' not in caplog.text
+
+
 # The WSGI application: limits and failures ----------------------------------
 
 

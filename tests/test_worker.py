@@ -23,6 +23,8 @@ import urllib.request
 from io import BytesIO
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 # The certificates, process and command helpers of the end-to-end tests.
 from test_server import APP_INI
@@ -788,3 +790,65 @@ def test_worker_leaves_when_its_master_dies(tmp_path):
         assert process_gone(pid), 'the orphaned worker is still running'
     finally:
         srv.stop()
+
+
+# Fuzzing the parser over real sockets ---------------------------------------------
+
+VALID_REQUESTS = [
+    b'GET / HTTP/1.1\r\nHost: x\r\n\r\n',
+    b'POST /key HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello',
+    b'POST /key HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n0\r\n\r\n',
+    b'POST /new HTTP/1.0\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n',
+    b'GET /?a=%zz HTTP/1.1\r\nConnection: keep-alive\r\n\r\nGET / HTTP/1.1\r\n\r\n',
+]
+
+
+@st.composite
+def damaged_requests(draw):
+    data = bytearray(draw(st.sampled_from(VALID_REQUESTS)))
+    for _ in range(draw(st.integers(1, 4))):
+        action = draw(st.sampled_from(['flip', 'insert', 'delete', 'repeat']))
+        at = draw(st.integers(0, len(data)))
+        if action == 'flip' and at < len(data):
+            data[at] ^= draw(st.integers(1, 255))
+        elif action == 'insert':
+            data[at:at] = draw(st.sampled_from(
+                [b'\r\n', b'\n', b'\r', b':', b' ', b'\x00', b'\xff', b'9' * 20,
+                 b'Content-Length: 3\r\n', b'Transfer-Encoding: chunked\r\n',
+                 b'Content-Length: -1\r\n', b'Host: a\r\nHost: b\r\n']))
+        elif action == 'delete':
+            del data[at:at + draw(st.integers(1, 8))]
+        else:
+            data += data[:at]
+    return bytes(data)
+
+
+def answers_to(srv, data):
+    """What the server sends back for ``data`` followed by end of input."""
+    with connect(srv, timeout=10) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        got = b''
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return got
+            got += chunk
+
+
+@settings(max_examples=int(os.environ.get('WORKER_FUZZ_EXAMPLES', 120)), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                 HealthCheck.too_slow])
+@given(st.one_of(damaged_requests(), st.binary(max_size=300)))
+def test_damaged_requests_get_http_answers_or_a_close(kmi, data):
+    """Whatever arrives, the worker answers with HTTP/1.x status lines or just
+    closes; it never crashes, hangs or writes a traceback."""
+    got = answers_to(kmi, data)
+    assert got == b'' or got.startswith(b'HTTP/1.1 '), got[:200]
+    for line in re.findall(rb'(?m)^HTTP/1\.1 (\d{3}) ', got):
+        assert 100 <= int(line) < 600
+
+
+def test_the_worker_survives_the_fuzzing(kmi):
+    assert kmi.request('GET', '/')[0] == 200
+    assert_healthy(kmi)

@@ -75,8 +75,8 @@ class KeyManagementApplication:
         except Exception:
             # The traceback goes to the log, never to the client.
             log.exception(
-                'internal error on %s %s from %s',
-                request.method, request.path_info, request.remote_addr,
+                'internal error on %s %r from %s', environ.get('REQUEST_METHOD'),
+                environ.get('PATH_INFO'), environ.get('REMOTE_ADDR'),
             )
             response = _plain(500, 'Internal server error')
         return response(environ, start_response)
@@ -117,7 +117,9 @@ class KeyManagementApplication:
         return status, body
 
     def handle(self, request):
-        route = self.routes.get(request.path_info)
+        # The raw path (WSGI's latin-1 str): webob's path_info decodes it as
+        # UTF-8 and raises on other bytes, which are no route of ours anyway.
+        route = self.routes.get(request.environ.get('PATH_INFO', ''))
         if route is None:
             return _plain(404, 'Not found')
         methods, handler = route
