@@ -177,6 +177,9 @@ impl Writer<'_, '_> {
         // SAFETY: `obj` is a live object borrowed from the state being
         // pickled (or one of `self.reduce`'s), and the GIL is held.
         unsafe {
+            if obj.is_null() {
+                return Err(Unsupported); // an item lookup failed (error set)
+            }
             if obj == ffi::Py_None() {
                 self.out.push(NONE);
                 return Ok(());
