@@ -37,6 +37,24 @@ fn sha256(parts: &[&[u8]]) -> [u8; 32] {
     h.finalize().into()
 }
 
+/// `T = U1 ^ U2 ^ ... ^ U_rounds` from the keyed inner and outer states and
+/// `U1`, one `compress256` per hash (the loop on CPUs without SHA-NI).
+fn iterate(inner: &[u32; 8], outer: &[u32; 8], u1: &[u8; 32], rounds: u32) -> [u8; 32] {
+    // The padding of a 96-byte message (64 key bytes + 32): 0x80, zeros, bit length 768.
+    let mut block = [0u8; 64];
+    block[32] = 0x80;
+    block[62] = 0x03;
+    let (mut u, mut t) = (*u1, *u1);
+    for _ in 1..rounds {
+        let x = finish_32(inner, &u, &mut block);
+        u = finish_32(outer, &x, &mut block);
+        for (a, b) in t.iter_mut().zip(u) {
+            *a ^= b;
+        }
+    }
+    t
+}
+
 /// PBKDF2 (RFC 8018) with HMAC-SHA256, deriving `len` bytes.
 pub fn pbkdf2_hmac_sha256(
     password: &[u8],
@@ -58,31 +76,14 @@ pub fn pbkdf2_hmac_sha256(
     }
     let inner = keyed_state(&ipad);
     let outer = keyed_state(&opad);
-    // The padding of a 96-byte message (64 key bytes + 32): 0x80, zeros, bit length 768.
-    let mut pad = [0u8; 64];
-    pad[32] = 0x80;
-    pad[62] = 0x03;
-    let mut block = pad;
     let mut out = Zeroizing::new(Vec::with_capacity(len + 32));
     let mut index = 1u32;
     while out.len() < len {
         // U1 = HMAC(password, salt || INT(index)): the salt may be any length.
         let first_inner = sha256(&[&ipad[..], salt, &index.to_be_bytes()]);
         let u = sha256(&[&opad[..], &first_inner]);
-        let t = match shani::iterate(&inner, &outer, &u, rounds) {
-            Some(t) => t,
-            None => {
-                let (mut u, mut t) = (u, u);
-                for _ in 1..rounds {
-                    let x = finish_32(&inner, &u, &mut block);
-                    u = finish_32(&outer, &x, &mut block);
-                    for (a, b) in t.iter_mut().zip(u) {
-                        *a ^= b;
-                    }
-                }
-                t
-            }
-        };
+        let t = shani::iterate(&inner, &outer, &u, rounds)
+            .unwrap_or_else(|| iterate(&inner, &outer, &u, rounds));
         out.extend_from_slice(&t);
         index += 1;
     }
@@ -266,17 +267,7 @@ mod tests {
         let outer = keyed_state(&[0x5c; 64]);
         let u1 = [0xa5u8; 32];
         for rounds in [1, 2, 3, 1000] {
-            let mut block = [0u8; 64];
-            block[32] = 0x80;
-            block[62] = 0x03;
-            let (mut u, mut t) = (u1, u1);
-            for _ in 1..rounds {
-                let x = finish_32(&inner, &u, &mut block);
-                u = finish_32(&outer, &x, &mut block);
-                for (a, b) in t.iter_mut().zip(u) {
-                    *a ^= b;
-                }
-            }
+            let t = iterate(&inner, &outer, &u1, rounds);
             if let Some(fast) = shani::iterate(&inner, &outer, &u1, rounds) {
                 assert_eq!(fast, t, "rounds {rounds}");
             }
