@@ -14,6 +14,9 @@ pub enum KmiError {
     BadArgument(String),
     /// No DEK is stored under that name, or the name is not a plain file name. Python: `KeyError`.
     NotFound(String),
+    /// Another DEK is stored under that name already: keys are written once.
+    /// Python: `KeyExistsError`, a `ValueError`.
+    Exists(String),
     /// The storage directory or a file stream failed. Python: `OSError` (with errno).
     Io(std::io::Error),
 }
@@ -34,6 +37,10 @@ impl fmt::Display for KmiError {
         match self {
             KmiError::BadKey(m) | KmiError::BadData(m) | KmiError::BadArgument(m) => f.write_str(m),
             KmiError::NotFound(name) => f.write_str(name),
+            KmiError::Exists(name) => write!(
+                f,
+                "a different key is stored under the name {name} already; keys are written once"
+            ),
             KmiError::Io(e) => write!(f, "{e}"),
         }
     }
@@ -48,6 +55,14 @@ impl From<std::io::Error> for KmiError {
 }
 
 #[cfg(feature = "python")]
+pyo3::create_exception!(
+    _kmi,
+    KeyExistsError,
+    pyo3::exceptions::PyValueError,
+    "A different key is stored under that name already: keys are written once."
+);
+
+#[cfg(feature = "python")]
 impl From<KmiError> for pyo3::PyErr {
     fn from(e: KmiError) -> Self {
         use pyo3::exceptions::{PyKeyError, PyValueError};
@@ -56,6 +71,7 @@ impl From<KmiError> for pyo3::PyErr {
                 PyValueError::new_err(m)
             }
             KmiError::NotFound(name) => PyKeyError::new_err(name),
+            e @ KmiError::Exists(_) => KeyExistsError::new_err(e.to_string()),
             // OSError(errno, text) lets Python pick the subclass and keeps
             // errno, which callers test (ENOSPC becomes 503 in the server).
             KmiError::Io(e) => match e.raw_os_error() {

@@ -1,6 +1,8 @@
-//! The master key management facility: generates KEKs, keeps their wrapped
-//! DEKs in a [`DekStore`], and caches unwrapped DEKs (and their expanded
-//! AES keys) for `timeout` seconds.
+//! The master key management facility's key work: generates KEKs and wraps
+//! fresh DEKs with them, unwraps stored DEKs, and caches unwrapped DEKs (and
+//! their expanded AES keys) for `timeout` seconds. Where the wrapped DEKs
+//! live is the caller's business: the directory of [`crate::store`], or a
+//! database.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -12,7 +14,6 @@ use zeroize::Zeroizing;
 use crate::cipher::{derive_cipher_key, DataCipher};
 use crate::errors::{KmiError, KmiResult};
 use crate::kek::Kek;
-use crate::store::DekStore;
 
 /// What a caller passes on every DEK lookup: the facility's overridable attributes.
 pub struct DekPolicy<'a> {
@@ -22,6 +23,13 @@ pub struct DekPolicy<'a> {
     pub passphrase: &'a [u8],
     /// Acceptable DEK lengths besides `modulus_bits / 16` (`keyLength`).
     pub dek_length: usize,
+}
+
+/// A new key: the KEK for the client, the wrapped DEK for the store.
+pub struct Generated {
+    pub name: String,
+    pub pem: Vec<u8>,
+    pub wrapped: Vec<u8>,
 }
 
 /// A cached, unwrapped DEK and the cipher derived from it.
@@ -36,7 +44,6 @@ pub struct CachedDek {
 type DekMap = HashMap<Box<[u8]>, CachedDek, foldhash::fast::RandomState>;
 
 pub struct Facility {
-    store: DekStore,
     deks: Mutex<DekMap>,
     max_cached: usize,
 }
@@ -54,32 +61,26 @@ pub fn kek_name(kek: &[u8]) -> String {
 }
 
 impl Facility {
-    pub fn open(dir: &str, max_cached: usize) -> KmiResult<Facility> {
-        let max_cached = max_cached.max(1);
-        Ok(Facility {
-            store: DekStore::open(dir, max_cached)?,
+    pub fn new(max_cached: usize) -> Facility {
+        Facility {
             deks: Mutex::new(HashMap::default()),
-            max_cached,
-        })
-    }
-
-    pub fn store(&self) -> &DekStore {
-        &self.store
+            max_cached: max_cached.max(1),
+        }
     }
 
     fn deks(&self) -> MutexGuard<'_, DekMap> {
         self.deks.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Generate a KEK, wrap a fresh DEK of `dek_length` bytes with it, store
-    /// the wrapped DEK durably, and return the KEK as legacy PEM.
+    /// Generate a KEK and wrap a fresh DEK of `dek_length` bytes with it.
+    /// The caller stores the wrapped DEK (durably) before handing out the KEK.
     pub fn generate(
         &self,
         bits: usize,
         exponent: u64,
         passphrase: &[u8],
         dek_length: usize,
-    ) -> KmiResult<(String, Vec<u8>)> {
+    ) -> KmiResult<Generated> {
         if dek_length == 0 {
             return Err(KmiError::BadArgument("keyLength must be positive".into()));
         }
@@ -88,9 +89,11 @@ impl Facility {
         let mut dek = Zeroizing::new(vec![0u8; dek_length]);
         getrandom::fill(&mut dek).map_err(|e| KmiError::Io(std::io::Error::other(e)))?;
         let wrapped = kek.wrap_dek(&dek)?;
-        let name = kek_name(&pem);
-        self.store.put(&name, &wrapped)?;
-        Ok((name, pem))
+        Ok(Generated {
+            name: kek_name(&pem),
+            pem,
+            wrapped,
+        })
     }
 
     fn lookup(&self, kek: &[u8], timeout: f64) -> Option<MutexGuard<'_, DekMap>> {
@@ -101,33 +104,27 @@ impl Facility {
         }
     }
 
-    /// Whether a fresh DEK for `kek` is cached: a `dek` call would then
-    /// neither read the store nor unwrap.
-    pub fn is_cached(&self, kek: &[u8], timeout: f64) -> bool {
-        self.lookup(kek, timeout).is_some()
+    /// The DEK for `kek` if it is cached and younger than `timeout` seconds.
+    pub fn cached_dek(&self, kek: &[u8], timeout: f64) -> Option<Zeroizing<Vec<u8>>> {
+        self.lookup(kek, timeout).map(|deks| deks[kek].dek.clone())
     }
 
-    /// The unwrapped DEK for `kek`, from the cache if fresh, else from the store.
-    /// Returns the DEK and whether it was fetched from the store (to log it).
-    pub fn dek(
+    /// Unwrap `wrapped`, the stored DEK named `name`, with `kek`, and cache it.
+    pub fn unwrap(
         &self,
         kek: &[u8],
+        name: &str,
+        wrapped: &[u8],
         policy: &DekPolicy,
-    ) -> KmiResult<(Zeroizing<Vec<u8>>, Option<String>)> {
-        if let Some(deks) = self.lookup(kek, policy.timeout) {
-            return Ok((deks[kek].dek.clone(), None));
-        }
-        // The .dek comes first: an unknown KEK is a KeyError without parsing it.
-        let name = kek_name(kek);
-        let wrapped = self.store.get(&name)?;
+    ) -> KmiResult<Zeroizing<Vec<u8>>> {
         let key = Kek::from_pem(kek, policy.passphrase)?;
         let lengths = [key.bits() / 16, policy.dek_length];
-        let dek = key.unwrap_dek(&wrapped, &lengths).map_err(|e| match e {
-            KmiError::BadData(m) => KmiError::BadData(format!("{name}.dek: {m}")),
+        let dek = key.unwrap_dek(wrapped, &lengths).map_err(|e| match e {
+            KmiError::BadData(m) => KmiError::BadData(format!("key {name}: {m}")),
             other => other,
         })?;
-        self.remember(kek, name.clone(), now(), dek.clone(), policy.timeout);
-        Ok((dek, Some(name)))
+        self.remember(kek, name.to_owned(), now(), dek.clone(), policy.timeout);
+        Ok(dek)
     }
 
     fn remember(
@@ -175,23 +172,18 @@ impl Facility {
         Ok(Some(cipher))
     }
 
-    /// The data cipher for `kek` under `salt`, unwrapping the DEK if it is not
-    /// cached. Also returns the name when the DEK was fetched from the store.
-    pub fn cipher(
+    /// The data cipher for a DEK just unwrapped for `kek`, remembered beside it.
+    pub fn remember_cipher(
         &self,
         kek: &[u8],
-        policy: &DekPolicy,
+        dek: &[u8],
         salt: &[u8],
-    ) -> KmiResult<(Arc<DataCipher>, Option<String>)> {
-        if let Some(cipher) = self.cached_cipher(kek, policy.timeout, salt)? {
-            return Ok((cipher, None));
-        }
-        let (dek, fetched) = self.dek(kek, policy)?;
-        let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(&dek, salt)?));
+    ) -> KmiResult<Arc<DataCipher>> {
+        let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(dek, salt)?));
         if let Some(entry) = self.deks().get_mut(kek) {
             entry.cipher = Some((salt.to_vec(), cipher.clone()));
         }
-        Ok((cipher, fetched))
+        Ok(cipher)
     }
 
     /// A snapshot of the DEK cache: (md5 name, fetch time, DEK).
@@ -234,15 +226,6 @@ mod tests {
     use super::*;
     use crate::kek::TESTING_KEK;
 
-    fn temp_dir() -> String {
-        let mut n = [0u8; 6];
-        getrandom::fill(&mut n).unwrap();
-        std::env::temp_dir()
-            .join(format!("kmi-facility-{}", hex::encode(n)))
-            .to_string_lossy()
-            .into_owned()
-    }
-
     const POLICY: DekPolicy = DekPolicy {
         timeout: 3600.0,
         passphrase: b"key management facility",
@@ -251,47 +234,46 @@ mod tests {
 
     #[test]
     fn generate_then_unwrap_and_cache() {
-        let dir = temp_dir();
-        let f = Facility::open(&dir, 8).unwrap();
-        let (name, pem) = f.generate(1024, 65537, POLICY.passphrase, 64).unwrap();
-        assert_eq!(name, kek_name(&pem));
-        assert_eq!(f.store().get(&name).unwrap().len(), 128);
-        assert!(!f.is_cached(&pem, POLICY.timeout));
-        let (dek, fetched) = f.dek(&pem, &POLICY).unwrap();
-        assert!(f.is_cached(&pem, POLICY.timeout));
-        assert!(!f.is_cached(&pem, 0.0), "older than a zero timeout");
+        let f = Facility::new(8);
+        let new = f.generate(1024, 65537, POLICY.passphrase, 64).unwrap();
+        assert_eq!(new.name, kek_name(&new.pem));
+        assert_eq!(new.wrapped.len(), 128);
+        assert!(f.cached_dek(&new.pem, POLICY.timeout).is_none());
+        let dek = f
+            .unwrap(&new.pem, &new.name, &new.wrapped, &POLICY)
+            .unwrap();
         assert_eq!(dek.len(), 64);
-        assert_eq!(fetched.as_deref(), Some(name.as_str()));
-        let (again, fetched) = f.dek(&pem, &POLICY).unwrap();
-        assert_eq!(again, dek);
-        assert!(fetched.is_none(), "second lookup comes from the cache");
-        let expired = DekPolicy {
-            timeout: 0.0,
-            ..POLICY
-        };
-        assert!(f.dek(&pem, &expired).unwrap().1.is_some());
-        std::fs::remove_dir_all(dir).unwrap();
+        assert_eq!(f.cached_dek(&new.pem, POLICY.timeout), Some(dek));
+        assert!(
+            f.cached_dek(&new.pem, 0.0).is_none(),
+            "older than a zero timeout"
+        );
+        assert!(f
+            .cached_cipher(&new.pem, 0.0, b"12345678")
+            .unwrap()
+            .is_none());
+        assert!(f
+            .cached_cipher(&new.pem, 60.0, b"12345678")
+            .unwrap()
+            .is_some());
     }
 
     #[test]
-    fn unknown_kek_is_not_found_before_parsing() {
-        let dir = temp_dir();
-        let f = Facility::open(&dir, 8).unwrap();
-        assert!(matches!(
-            f.dek(b"xxyz", &POLICY),
-            Err(KmiError::NotFound(_))
-        ));
-        assert!(matches!(
-            f.dek(TESTING_KEK, &POLICY),
-            Err(KmiError::NotFound(_))
-        ));
-        std::fs::remove_dir_all(dir).unwrap();
+    fn a_damaged_wrapped_dek_names_the_key() {
+        let f = Facility::new(8);
+        let err = f
+            .unwrap(TESTING_KEK, "abc", &[0u8; 64], &POLICY)
+            .expect_err("refused");
+        assert!(
+            matches!(&err, KmiError::BadData(m) if m.starts_with("key abc: ")),
+            "{err:?}"
+        );
+        assert!(f.cached_dek(TESTING_KEK, 60.0).is_none());
     }
 
     #[test]
     fn cache_stays_bounded() {
-        let dir = temp_dir();
-        let f = Facility::open(&dir, 4).unwrap();
+        let f = Facility::new(4);
         for i in 0..20u8 {
             f.remember(
                 &[i],
@@ -304,7 +286,7 @@ mod tests {
         }
         assert!(f.deks().contains_key(&[19u8][..]));
         // Expired entries go first: a short timeout frees everything older.
-        let g = Facility::open(&dir, 2).unwrap();
+        let g = Facility::new(2);
         g.remember(b"a", "a".into(), now(), Zeroizing::new(vec![0]), 3600.0);
         g.remember(b"b", "b".into(), now(), Zeroizing::new(vec![0]), 3600.0);
         g.remember(
@@ -318,6 +300,5 @@ mod tests {
         assert_eq!(f.forget(Some("n19")), 1);
         f.forget(None);
         assert!(f.cached_deks().is_empty());
-        std::fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -339,20 +339,32 @@ fn decrypt_file(
     Ok(())
 }
 
-/// The master facility's state: the key store and the DEK cache. The Python
-/// class passes its (overridable) attributes on every call.
+/// The master facility's key work and DEK cache. The Python class passes
+/// its (overridable) attributes on every call, and `fetch`: a callable that
+/// returns the wrapped DEK stored under a name (or raises `KeyError`), called
+/// only when the DEK is not cached.
 #[pyclass(frozen, module = "keas.kmi._kmi")]
 struct Facility {
     inner: facility::Facility,
-    on_fetch: Option<Py<PyAny>>,
 }
 
 impl Facility {
-    fn fetched(&self, py: Python<'_>, name: Option<String>) -> PyResult<()> {
-        if let (Some(cb), Some(name)) = (&self.on_fetch, name) {
-            cb.call1(py, (name,))?;
+    /// The DEK for `kek`: cached, or fetched by name and unwrapped (GIL released).
+    fn dek_or_fetch(
+        &self,
+        py: Python<'_>,
+        kek: &[u8],
+        policy: &DekPolicy,
+        fetch: &Bound<'_, PyAny>,
+    ) -> PyResult<Zeroizing<Vec<u8>>> {
+        if let Some(dek) = self.inner.cached_dek(kek, policy.timeout) {
+            return Ok(dek);
         }
-        Ok(())
+        // The stored DEK comes first: an unknown KEK is a KeyError without parsing it.
+        let name = facility::kek_name(kek);
+        let wrapped = fetch.call1((&name,))?;
+        let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
+        Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, policy))?)
     }
 
     fn cipher(
@@ -361,32 +373,27 @@ impl Facility {
         kek: &[u8],
         policy: &DekPolicy,
         salt: &[u8],
+        fetch: &Bound<'_, PyAny>,
     ) -> PyResult<std::sync::Arc<DataCipher>> {
         if let Some(cipher) = self.inner.cached_cipher(kek, policy.timeout, salt)? {
             return Ok(cipher);
         }
-        let (cipher, fetched) = py.detach(|| self.inner.cipher(kek, policy, salt))?;
-        self.fetched(py, fetched)?;
-        Ok(cipher)
+        let dek = self.dek_or_fetch(py, kek, policy, fetch)?;
+        Ok(self.inner.remember_cipher(kek, &dek, salt)?)
     }
 }
 
 #[pymethods]
 impl Facility {
     #[new]
-    #[pyo3(signature = (storage_dir, max_cached_deks = 10_000, on_fetch = None))]
-    fn new(
-        storage_dir: &str,
-        max_cached_deks: usize,
-        on_fetch: Option<Py<PyAny>>,
-    ) -> PyResult<Self> {
-        Ok(Facility {
-            inner: facility::Facility::open(storage_dir, max_cached_deks)?,
-            on_fetch,
-        })
+    #[pyo3(signature = (max_cached_deks = 10_000))]
+    fn new(max_cached_deks: usize) -> Self {
+        Facility {
+            inner: facility::Facility::new(max_cached_deks),
+        }
     }
 
-    /// Generate a KEK and store its wrapped DEK; returns (name, KEK PEM).
+    /// Generate a KEK and wrap a new DEK; returns (name, KEK PEM, wrapped DEK).
     fn generate<'py>(
         &self,
         py: Python<'py>,
@@ -394,15 +401,13 @@ impl Facility {
         exponent: u64,
         passphrase: &[u8],
         dek_length: usize,
-    ) -> PyResult<(String, Bound<'py, PyBytes>)> {
-        let (name, pem) =
-            py.detach(|| self.inner.generate(bits, exponent, passphrase, dek_length))?;
-        Ok((name, PyBytes::new(py, &pem)))
-    }
-
-    /// Whether the DEK for a KEK is cached and younger than `timeout` seconds.
-    fn is_cached(&self, kek: &Bound<'_, PyAny>, timeout: f64) -> PyResult<bool> {
-        Ok(self.inner.is_cached(&bytes_like(kek, "key")?, timeout))
+    ) -> PyResult<(String, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+        let new = py.detach(|| self.inner.generate(bits, exponent, passphrase, dek_length))?;
+        Ok((
+            new.name,
+            PyBytes::new(py, &new.pem),
+            PyBytes::new(py, &new.wrapped),
+        ))
     }
 
     /// The DEK for a KEK, cached for `timeout` seconds.
@@ -413,15 +418,14 @@ impl Facility {
         timeout: f64,
         passphrase: &[u8],
         dek_length: usize,
+        fetch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let kek = bytes_like(kek, "key")?;
         let policy = DekPolicy {
             timeout,
             passphrase,
             dek_length,
         };
-        let (dek, fetched) = py.detach(|| self.inner.dek(&kek, &policy))?;
-        self.fetched(py, fetched)?;
+        let dek = self.dek_or_fetch(py, &bytes_like(kek, "key")?, &policy, fetch)?;
         Ok(PyBytes::new(py, &dek))
     }
 
@@ -436,13 +440,14 @@ impl Facility {
         dek_length: usize,
         salt: &[u8],
         iv: &[u8],
+        fetch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let policy = DekPolicy {
             timeout,
             passphrase,
             dek_length,
         };
-        let cipher = self.cipher(py, &bytes_like(kek, "key")?, &policy, salt)?;
+        let cipher = self.cipher(py, &bytes_like(kek, "key")?, &policy, salt, fetch)?;
         encrypt_bytes(py, &cipher, iv, &bytes_like(data, "data")?)
     }
 
@@ -457,37 +462,15 @@ impl Facility {
         dek_length: usize,
         salt: &[u8],
         iv: &[u8],
+        fetch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let policy = DekPolicy {
             timeout,
             passphrase,
             dek_length,
         };
-        let cipher = self.cipher(py, &bytes_like(kek, "key")?, &policy, salt)?;
+        let cipher = self.cipher(py, &bytes_like(kek, "key")?, &policy, salt, fetch)?;
         decrypt_bytes(py, &cipher, iv, &bytes_like(data, "data")?)
-    }
-
-    /// Names of the stored DEKs.
-    fn names(&self, py: Python<'_>) -> PyResult<Vec<String>> {
-        Ok(py.detach(|| self.inner.store().names())?)
-    }
-
-    fn read<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyBytes>> {
-        let data = self.inner.store().get(name)?;
-        Ok(PyBytes::new(py, &data))
-    }
-
-    fn write(&self, py: Python<'_>, name: &str, data: &[u8]) -> PyResult<()> {
-        Ok(py.detach(|| self.inner.store().put(name, data))?)
-    }
-
-    fn remove(&self, name: &str) -> PyResult<()> {
-        self.inner.forget(Some(name));
-        Ok(self.inner.store().remove(name)?)
-    }
-
-    fn contains(&self, name: &str) -> bool {
-        self.inner.store().contains(name)
     }
 
     /// A snapshot of the DEK cache as (name, fetch time, DEK) triples.
@@ -505,6 +488,57 @@ impl Facility {
     #[pyo3(signature = (name = None))]
     fn forget(&self, name: Option<&str>) -> usize {
         self.inner.forget(name)
+    }
+}
+
+/// The storage directory: `<name>.dek` files written once, `<name>.meta`
+/// sidecars replaced atomically (`keas.kmi.store.DirectoryStore` wraps it).
+#[pyclass(frozen, module = "keas.kmi._kmi")]
+struct DekStore {
+    inner: crate::store::DekStore,
+}
+
+#[pymethods]
+impl DekStore {
+    #[new]
+    fn new(py: Python<'_>, directory: &str) -> PyResult<Self> {
+        let inner = py.detach(|| crate::store::DekStore::open(directory))?;
+        Ok(DekStore { inner })
+    }
+
+    fn names(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        Ok(py.detach(|| self.inner.names())?)
+    }
+
+    fn meta_names(&self, py: Python<'_>) -> PyResult<Vec<String>> {
+        Ok(py.detach(|| self.inner.meta_names())?)
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        self.inner.contains(name)
+    }
+
+    fn get<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Bound<'py, PyBytes>> {
+        let data = self.inner.get(name)?;
+        Ok(PyBytes::new(py, &data))
+    }
+
+    /// Store a wrapped DEK durably, once (`KeyExistsError` for other bytes under the name).
+    fn put(&self, py: Python<'_>, name: &str, data: &[u8]) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.put(name, data))?)
+    }
+
+    fn get_meta<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Option<Bound<'py, PyBytes>>> {
+        Ok(self.inner.get_meta(name)?.map(|d| PyBytes::new(py, &d)))
+    }
+
+    fn put_meta(&self, py: Python<'_>, name: &str, data: &[u8]) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.put_meta(name, data))?)
+    }
+
+    #[pyo3(signature = (name, with_meta = false))]
+    fn remove(&self, py: Python<'_>, name: &str, with_meta: bool) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.remove(name, with_meta))?)
     }
 }
 
@@ -528,6 +562,11 @@ fn load_state<'py>(data: &Bound<'py, PyAny>, default: Bound<'py, PyAny>) -> Boun
 #[pymodule(gil_used = false)]
 fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Facility>()?;
+    m.add_class::<DekStore>()?;
+    m.add(
+        "KeyExistsError",
+        m.py().get_type::<crate::errors::KeyExistsError>(),
+    )?;
     m.add_function(wrap_pyfunction!(derive_key, m)?)?;
     m.add_function(wrap_pyfunction!(encrypt, m)?)?;
     m.add_function(wrap_pyfunction!(decrypt, m)?)?;

@@ -1,23 +1,24 @@
-//! The storage directory: one `<md5hex(KEK)>.dek` file per wrapped DEK,
-//! written atomically and durably, with a cache of file contents.
+//! The storage directory, the embedded key store: one `<name>.dek` file per
+//! wrapped DEK, written once, atomically and durably, and beside it an
+//! optional `<name>.meta` sidecar that is replaced atomically.
+//!
+//! The reference keas.kmi lists only `*.dek` files, so it still reads a
+//! directory this store wrote.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
 use crate::errors::{KmiError, KmiResult};
 
-const SUFFIX: &str = ".dek";
+const DEK_SUFFIX: &str = ".dek";
+const META_SUFFIX: &str = ".meta";
 /// Temporary files start with this, so no listing ever mistakes one for a key.
 const TMP_PREFIX: &str = ".tmp-";
 
 pub struct DekStore {
     dir: PathBuf,
-    contents: Mutex<HashMap<String, Arc<[u8]>>>,
-    max_cached: usize,
 }
 
 /// A name is a plain file name: no separators, no `..`, no NUL, not empty.
@@ -59,9 +60,26 @@ fn remove_stale_temporaries(dir: &Path) {
     }
 }
 
+/// How a finished temporary file takes its final name.
+#[derive(Clone, Copy)]
+enum Publish {
+    /// `link(2)`: fails if the name exists, so a key is never overwritten.
+    Once,
+    /// `rename(2)`: atomically replaces what was there (metadata sidecars).
+    Replace,
+}
+
+fn read_optional(path: &Path) -> KmiResult<Option<Vec<u8>>> {
+    match fs::read(path) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl DekStore {
     /// Open (and create, mode 0700, if missing) a storage directory.
-    pub fn open(dir: impl Into<PathBuf>, max_cached: usize) -> KmiResult<DekStore> {
+    pub fn open(dir: impl Into<PathBuf>) -> KmiResult<DekStore> {
         let dir = dir.into();
         if !dir.is_dir() {
             fs::DirBuilder::new()
@@ -70,15 +88,11 @@ impl DekStore {
                 .create(&dir)?;
         }
         remove_stale_temporaries(&dir);
-        Ok(DekStore {
-            dir,
-            contents: Mutex::new(HashMap::new()),
-            max_cached,
-        })
+        Ok(DekStore { dir })
     }
 
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.join(format!("{name}{SUFFIX}"))
+    fn path(&self, name: &str, suffix: &str) -> PathBuf {
+        self.dir.join(format!("{name}{suffix}"))
     }
 
     /// Names of the stored DEKs (file names without `.dek`).
@@ -86,7 +100,22 @@ impl DekStore {
         let mut names = Vec::new();
         for entry in fs::read_dir(&self.dir)? {
             let file_name = entry?.file_name();
-            if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(SUFFIX)) {
+            if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(DEK_SUFFIX)) {
+                if check_name(name).is_ok() {
+                    names.push(name.to_owned());
+                }
+            }
+        }
+        Ok(names)
+    }
+
+    /// Names that have a metadata sidecar, with or without a DEK beside it
+    /// (a destroyed key keeps its metadata).
+    pub fn meta_names(&self) -> KmiResult<Vec<String>> {
+        let mut names = Vec::new();
+        for entry in fs::read_dir(&self.dir)? {
+            let file_name = entry?.file_name();
+            if let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(META_SUFFIX)) {
                 if check_name(name).is_ok() {
                     names.push(name.to_owned());
                 }
@@ -96,38 +125,49 @@ impl DekStore {
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        check_name(name).is_ok() && (self.lock().contains_key(name) || self.path(name).is_file())
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<[u8]>>> {
-        self.contents.lock().unwrap_or_else(|p| p.into_inner())
+        check_name(name).is_ok() && self.path(name, DEK_SUFFIX).is_file()
     }
 
     /// The wrapped DEK stored under `name`.
-    pub fn get(&self, name: &str) -> KmiResult<Arc<[u8]>> {
+    pub fn get(&self, name: &str) -> KmiResult<Vec<u8>> {
         check_name(name)?;
-        if let Some(data) = self.lock().get(name) {
-            return Ok(data.clone());
-        }
-        let data: Arc<[u8]> = match fs::read(self.path(name)) {
-            Ok(d) => d.into(),
-            Err(e) if e.kind() == ErrorKind::NotFound => {
-                return Err(KmiError::NotFound(name.to_owned()))
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let mut cache = self.lock();
-        if cache.len() >= self.max_cached {
-            cache.clear();
-        }
-        cache.insert(name.to_owned(), data.clone());
-        Ok(data)
+        read_optional(&self.path(name, DEK_SUFFIX))?.ok_or_else(|| KmiError::NotFound(name.into()))
     }
 
-    /// Store `data` under `name`: write a temporary file, fsync it, rename it
-    /// into place, fsync the directory. When this returns, the DEK is durable.
+    /// Store `data` under `name`, once: when this returns, the DEK is durable.
+    /// A name that holds the same bytes already is success (so a copy can be
+    /// repeated); one that holds other bytes is [`KmiError::Exists`], and the
+    /// stored key is untouched.
     pub fn put(&self, name: &str, data: &[u8]) -> KmiResult<()> {
         check_name(name)?;
+        let target = self.path(name, DEK_SUFFIX);
+        match self.publish(name, data, &target, Publish::Once) {
+            Err(KmiError::Io(e)) if e.kind() == ErrorKind::AlreadyExists => {
+                if read_optional(&target)?.as_deref() == Some(data) {
+                    Ok(())
+                } else {
+                    Err(KmiError::Exists(name.into()))
+                }
+            }
+            other => other,
+        }
+    }
+
+    /// The metadata sidecar of `name`, if it has one.
+    pub fn get_meta(&self, name: &str) -> KmiResult<Option<Vec<u8>>> {
+        check_name(name)?;
+        read_optional(&self.path(name, META_SUFFIX))
+    }
+
+    /// Replace the metadata sidecar of `name` atomically and durably.
+    pub fn put_meta(&self, name: &str, data: &[u8]) -> KmiResult<()> {
+        check_name(name)?;
+        self.publish(name, data, &self.path(name, META_SUFFIX), Publish::Replace)
+    }
+
+    /// Write a temporary file, fsync it, give it its final name, fsync the
+    /// directory. The temporary is gone afterwards, whatever happened.
+    fn publish(&self, name: &str, data: &[u8], target: &Path, how: Publish) -> KmiResult<()> {
         let mut nonce = [0u8; 8];
         getrandom::fill(&mut nonce).map_err(|e| KmiError::Io(std::io::Error::other(e)))?;
         let tmp = self
@@ -141,31 +181,43 @@ impl DekStore {
                 .open(&tmp)?;
             f.write_all(data)?;
             f.sync_all()?;
-            fs::rename(&tmp, self.path(name))?;
+            match how {
+                Publish::Once => fs::hard_link(&tmp, target)?,
+                Publish::Replace => fs::rename(&tmp, target)?,
+            }
             File::open(&self.dir)?.sync_all()
         })();
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(e.into());
-        }
-        self.lock().remove(name);
-        Ok(())
+        let _ = fs::remove_file(&tmp);
+        Ok(written?)
     }
 
-    pub fn remove(&self, name: &str) -> KmiResult<()> {
+    /// Delete the DEK of `name` (and its metadata when `with_meta`), durably.
+    pub fn remove(&self, name: &str, with_meta: bool) -> KmiResult<()> {
         check_name(name)?;
-        self.lock().remove(name);
-        match fs::remove_file(self.path(name)) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == ErrorKind::NotFound => Err(KmiError::NotFound(name.to_owned())),
-            Err(e) => Err(e.into()),
+        match fs::remove_file(self.path(name, DEK_SUFFIX)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound && !with_meta => {
+                return Err(KmiError::NotFound(name.to_owned()))
+            }
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(e.into()),
         }
+        if with_meta {
+            match fs::remove_file(self.path(name, META_SUFFIX)) {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        File::open(&self.dir)?.sync_all()?;
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     fn temp_dir(tag: &str) -> PathBuf {
         let mut n = [0u8; 6];
@@ -176,13 +228,13 @@ mod tests {
     #[test]
     fn put_get_list_remove() {
         let dir = temp_dir("basic");
-        let store = DekStore::open(&dir, 16).unwrap();
+        let store = DekStore::open(&dir).unwrap();
         assert_eq!(
             fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
             0o700
         );
         store.put("abc", b"wrapped").unwrap();
-        assert_eq!(&*store.get("abc").unwrap(), b"wrapped");
+        assert_eq!(store.get("abc").unwrap(), b"wrapped");
         assert_eq!(store.names().unwrap(), vec!["abc".to_owned()]);
         assert!(store.contains("abc"));
         let mode = fs::metadata(dir.join("abc.dek"))
@@ -190,29 +242,67 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
-        store.remove("abc").unwrap();
+        store.remove("abc", false).unwrap();
         assert!(!store.contains("abc"));
         assert!(matches!(store.get("abc"), Err(KmiError::NotFound(_))));
+        assert!(matches!(
+            store.remove("abc", false),
+            Err(KmiError::NotFound(_))
+        ));
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn keys_are_written_once() {
+        let dir = temp_dir("once");
+        let store = DekStore::open(&dir).unwrap();
+        store.put("abc", b"first").unwrap();
+        store.put("abc", b"first").unwrap();
+        assert!(matches!(
+            store.put("abc", b"second"),
+            Err(KmiError::Exists(_))
+        ));
+        assert_eq!(store.get("abc").unwrap(), b"first");
+        let leftovers: Vec<_> = fs::read_dir(&dir).unwrap().flatten().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary is left behind");
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn metadata_sidecars_are_replaced_and_outlive_the_dek() {
+        let dir = temp_dir("meta");
+        let store = DekStore::open(&dir).unwrap();
+        assert_eq!(store.get_meta("abc").unwrap(), None);
+        store.put("abc", b"wrapped").unwrap();
+        store.put_meta("abc", b"one").unwrap();
+        store.put_meta("abc", b"two").unwrap();
+        assert_eq!(store.get_meta("abc").unwrap().as_deref(), Some(&b"two"[..]));
+        store.remove("abc", false).unwrap();
+        assert_eq!(store.names().unwrap(), Vec::<String>::new());
+        assert_eq!(store.meta_names().unwrap(), vec!["abc".to_owned()]);
+        store.remove("abc", true).unwrap();
+        assert!(store.meta_names().unwrap().is_empty());
         fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn names_outside_the_directory_are_refused() {
         let dir = temp_dir("names");
-        let store = DekStore::open(&dir, 16).unwrap();
+        let store = DekStore::open(&dir).unwrap();
         for bad in ["", "../x", "a/b", "..", "x\0y", ".tmp-abc"] {
             assert!(
                 matches!(store.get(bad), Err(KmiError::NotFound(_))),
                 "{bad:?}"
             );
             assert!(store.put(bad, b"x").is_err(), "{bad:?}");
+            assert!(store.put_meta(bad, b"x").is_err(), "{bad:?}");
             assert!(!store.contains(bad));
         }
         fs::write(dir.join(".tmp-abc-0011"), b"partial").unwrap();
         assert!(store.names().unwrap().is_empty());
         // A fresh temporary may belong to a live writer: opening keeps it;
         // an old one is removed.
-        DekStore::open(&dir, 16).unwrap();
+        DekStore::open(&dir).unwrap();
         assert!(dir.join(".tmp-abc-0011").exists());
         let old = std::time::SystemTime::now() - 2 * STALE_TEMPORARY;
         File::options()
@@ -221,10 +311,8 @@ mod tests {
             .unwrap()
             .set_modified(old)
             .unwrap();
-        DekStore::open(&dir, 16).unwrap();
+        DekStore::open(&dir).unwrap();
         assert!(!dir.join(".tmp-abc-0011").exists());
         fs::remove_dir_all(dir).unwrap();
     }
-
-    use std::os::unix::fs::PermissionsExt;
 }

@@ -13,6 +13,7 @@ import pytest
 from zope.interface import verify
 
 from keas.kmi import _kmi, facility, interfaces, testing
+from keas.kmi.store import KeyExistsError
 
 PLAIN = b'Stephan Richter'
 
@@ -169,16 +170,32 @@ def test_unknown_and_unusable_keks(keyring, kmf):
         kmf.getEncryptionKey(b'garbage')
 
 
-def test_corrupt_dek_file_names_the_file(keyring, kmf):
+def test_corrupt_dek_file_names_the_key(keyring, kmf, storage_dir):
     _, keks = keyring
     source = keyring[0]
     name = hashlib.md5(keks[0]).hexdigest()
     good = source[name]
+    path = os.path.join(storage_dir, name + '.dek')
     for bad in (good[:-1], good[:100], bytes(256), bytes([good[0] ^ 1]) + good[1:]):
-        kmf[name] = bad
+        with open(path, 'wb') as f:  # damaged on disk, behind the store's back
+            f.write(bad)
         kmf._KeyManagementFacility__dek_cache.clear()
-        with pytest.raises(ValueError, match=name + r'\.dek'):
+        with pytest.raises(ValueError, match='key ' + name):
             kmf.getEncryptionKey(keks[0])
+
+
+def test_keys_are_written_once(kmf, storage_dir):
+    kmf['abc'] = b'wrapped'
+    kmf['abc'] = b'wrapped'  # the same bytes again: a repeated copy
+    with pytest.raises(KeyExistsError, match='written once'):
+        kmf['abc'] = b'other'
+    with pytest.raises(ValueError):
+        kmf['abc'] = b'other'
+    assert kmf['abc'] == b'wrapped'
+    assert sorted(os.listdir(storage_dir)) == ['abc.dek']
+    del kmf['abc']
+    kmf['abc'] = b'other'
+    assert kmf['abc'] == b'other'
 
 
 def test_wrong_passphrase_is_a_value_error(keyring, storage_dir):

@@ -1,6 +1,7 @@
 """Hypothesis properties of the cipher, the file format and the KEK reader:
 round trips hold, and bad input is an exception, never a crash or a hang."""
 import hashlib
+import os
 import io
 
 import pytest
@@ -116,12 +117,16 @@ def test_damaged_dek_files_never_yield_a_wrong_dek(storage_dir, wrapped):
     good = kmf.getEncryptionKey(testing.KeyEncyptingKey)
     kmf._KeyManagementFacility__dek_cache.clear()
     name = hashlib.md5(testing.KeyEncyptingKey).hexdigest()
-    kmf[name] = wrapped
+    # Keys are written once: damage the file on disk, as a failing disk would.
+    path = os.path.join(storage_dir, name + '.dek')
+    with open(path, 'wb') as f:
+        f.write(wrapped)
     try:
         dek = kmf.getEncryptionKey(testing.KeyEncyptingKey)
     except ValueError:
         return
     finally:
-        kmf[name] = testing.EncryptedEncryptionKey
+        with open(path, 'wb') as f:
+            f.write(testing.EncryptedEncryptionKey)
     # Only a re-randomised wrapping of the same DEK may succeed.
     assert dek == good or wrapped == testing.EncryptedEncryptionKey

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 from zope.interface import implementer
 
 from keas.kmi import _kmi, interfaces
+from keas.kmi.store import open_store
 
 logger = logging.getLogger('kmi')
 
@@ -76,10 +77,6 @@ class EncryptionService(object):
         _kmi.decrypt_file(self._cipherKey(key), fsrc, fdst, chunksize)
 
 
-def _log_fetch(name):
-    logger.info('Encryption key requested: %s', name)
-
-
 class _DekCacheView(Mapping):
     """The master's DEK cache seen as ``{md5 name: (fetch time, DEK)}``."""
 
@@ -111,9 +108,10 @@ class _DekCacheView(Mapping):
 
 @implementer(interfaces.IExtendedKeyManagementFacility)
 class KeyManagementFacility(EncryptionService):
-    """The master facility over the directory ``storage_dir``.
+    """The master facility over the key store at ``storage_dir``: a
+    directory, or a PostgreSQL URL (``keas.kmi.store``).
 
-    Wrapped DEKs are files named ``<md5 hex of the KEK>.dek``; the mapping
+    Wrapped DEKs are stored by the md5 hex digest of their KEK; the mapping
     API reaches them by that name. Unwrapped DEKs are cached for ``timeout``
     seconds, at most ``maxCachedKeys`` of them.
     """
@@ -140,24 +138,29 @@ class KeyManagementFacility(EncryptionService):
 
     def __init__(self, storage_dir):
         self.storage_dir = storage_dir
-        self._core = _kmi.Facility(storage_dir, self.maxCachedKeys, _log_fetch)
+        self.store = open_store(storage_dir)
+        self._core = _kmi.Facility(self.maxCachedKeys)
+
+    def _fetch(self, name):
+        """The wrapped DEK for a DEK that is not cached (Rust calls this)."""
+        wrapped = self.store.get(name)
+        logger.info('Encryption key requested: %s', name)
+        return wrapped
 
     @property
     def __dek_cache(self):
         return _DekCacheView(self._core)
 
-    # The mapping API over the storage directory.
+    # The mapping API over the key store.
 
     def keys(self):
-        return self._core.names()
+        return self.store.names()
 
     def __iter__(self):
         return iter(self.keys())
 
     def __getitem__(self, name):
-        if not isinstance(name, str):
-            raise KeyError(name)
-        return self._core.read(name)
+        return self.store.get(name)
 
     def get(self, name, default=None):
         try:
@@ -172,51 +175,55 @@ class KeyManagementFacility(EncryptionService):
         return [(name, self[name]) for name in self.keys()]
 
     def __len__(self):
-        return len(self.keys())
+        return len(self.store)
 
     def __contains__(self, name):
-        return isinstance(name, str) and self._core.contains(name)
+        return name in self.store
 
     has_key = __contains__
 
     def __setitem__(self, name, key):
-        self._core.write(name, key)
+        """Store a wrapped DEK: once (``KeyExistsError`` for other bytes under ``name``)."""
+        self.store.add(name, key)
         logger.info('New key added (hash): %s', name)
 
     def __delitem__(self, name):
-        if not isinstance(name, str):
-            raise KeyError(name)
-        self._core.remove(name)
+        self.store.delete(name)
+        self._core.forget(name)
         logger.info('Key removed (hash): %s', name)
 
     # Key generation and lookup.
 
     def generate(self):
         """See interfaces.IKeyGenerationService"""
-        name, kek = self._core.generate(
+        name, kek, wrapped = self._core.generate(
             self.rsaKeyLength, self.rsaKeyExponent,
             _passphrase(self.rsaPassphrase), self.keyLength)
+        self.store.add(name, wrapped)
         logger.info('New key added (hash): %s', name)
         return kek
 
     def getEncryptionKey(self, key):
         """The DEK for the KEK ``key``: KeyError if unknown, ValueError if unusable."""
         return self._core.dek(
-            key, self.timeout, _passphrase(self.rsaPassphrase), self.keyLength)
+            key, self.timeout, _passphrase(self.rsaPassphrase), self.keyLength,
+            self._fetch)
 
     def encrypt(self, key, data):
         if not self._native:
             return super().encrypt(key, data)
         return self._core.encrypt(
             key, data, self.timeout, _passphrase(self.rsaPassphrase),
-            self.keyLength, self._bytesToKeySalt, self.initializationVector)
+            self.keyLength, self._bytesToKeySalt, self.initializationVector,
+            self._fetch)
 
     def decrypt(self, key, data):
         if not self._native:
             return super().decrypt(key, data)
         return self._core.decrypt(
             key, data, self.timeout, _passphrase(self.rsaPassphrase),
-            self.keyLength, self._bytesToKeySalt, self.initializationVector)
+            self.keyLength, self._bytesToKeySalt, self.initializationVector,
+            self._fetch)
 
     def __repr__(self):
         return '<%s (%i)>' % (self.__class__.__name__, len(self))
