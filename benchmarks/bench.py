@@ -973,21 +973,27 @@ end
                 sys.exit('missing %s: run make bench, which creates it' % PYTHONS[side])
         if not shutil.which('openssl'):
             sys.exit('the openssl command is needed')
+        # BENCH_ONLY=small,bulk: only these sections (a partial run).
+        only = set(filter(None, os.environ.get('BENCH_ONLY', '').split(',')))
+
+        def section(name, *steps):
+            if not only or name in only:
+                for step in steps:
+                    step()
+
         try:
             self.setup()
             header, sha = self.header()
-            self.small()
-            self.measure_openssl()
-            self.bulk()
-            self.files()
-            self.measure_openssl()
-            self.generate()
-            self.cold()
-            self.zodb()
-            self.wsgi()
+            section('small', self.small)
+            section('bulk', self.measure_openssl, self.bulk)
+            section('files', self.files, self.measure_openssl)
+            section('generate', self.generate)
+            section('cold', self.cold)
+            section('zodb', self.zodb)
+            section('wsgi', self.wsgi)
             for side in SIDES:
                 self.workers[side].stop()
-            self.memory()
+            section('memory', self.memory)
         finally:
             self.stop_servers()
             for worker in self.workers.values():

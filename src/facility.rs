@@ -14,6 +14,7 @@ use zeroize::Zeroizing;
 use crate::cipher::{derive_cipher_key, DataCipher};
 use crate::errors::{KmiError, KmiResult};
 use crate::kek::Kek;
+use crate::v2::V2Key;
 
 /// What a caller passes on every DEK lookup: the facility's overridable attributes.
 pub struct DekPolicy<'a> {
@@ -38,6 +39,7 @@ pub struct CachedDek {
     pub fetched: f64,
     pub dek: Zeroizing<Vec<u8>>,
     cipher: Option<(Vec<u8>, Arc<DataCipher>)>,
+    v2: Option<V2Key>,
 }
 
 /// Cached DEKs by the exact KEK bytes (foldhash: the KEK is ~1.7 KB and hashed on every call).
@@ -146,6 +148,7 @@ impl Facility {
                 fetched,
                 dek,
                 cipher: None,
+                v2: None,
             },
         );
     }
@@ -184,6 +187,19 @@ impl Facility {
             entry.cipher = Some((salt.to_vec(), cipher.clone()));
         }
         Ok(cipher)
+    }
+
+    /// The v2 keys for `kek` if its DEK is cached and fresh: derived once
+    /// per cached DEK.
+    pub fn cached_v2(&self, kek: &[u8], timeout: f64) -> Option<V2Key> {
+        let mut deks = self.lookup(kek, timeout)?;
+        let entry = deks.get_mut(kek).expect("looked up");
+        Some(
+            entry
+                .v2
+                .get_or_insert_with(|| V2Key::new(&entry.dek))
+                .clone(),
+        )
     }
 
     /// A snapshot of the DEK cache: (md5 name, fetch time, DEK).

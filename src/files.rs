@@ -9,6 +9,7 @@ use std::sync::mpsc;
 
 use crate::cipher::{DataCipher, BLOCK, FILE_HEADER};
 use crate::errors::KmiResult;
+use crate::v2::V2Key;
 
 /// Bytes moved by a file operation: read from the source, written to the destination.
 pub struct Moved {
@@ -164,6 +165,52 @@ pub fn decrypt_file_at(
         read: FILE_HEADER as u64 + read,
         written,
     })
+}
+
+/// Seal regular file `src` from `src_off` to its end into `dst` at
+/// `dst_off`, in the v2 format, with the same pipeline as the legacy format.
+pub fn seal_file_at(
+    key: &V2Key,
+    ad: &[u8],
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    chunk: usize,
+) -> KmiResult<Moved> {
+    let mut sealer = key.sealer(ad)?;
+    let header = *sealer.header();
+    dst.write_all_at(&header, dst_off)?;
+    let body = dst_off + header.len() as u64;
+    let (read, written) = pipeline(src, src_off, chunk, dst, body, |data, out| match data {
+        Some(data) => sealer.update(data, out),
+        None => sealer.finish(out),
+    })?;
+    Ok(Moved {
+        read,
+        written: header.len() as u64 + written,
+    })
+}
+
+/// Open a v2 stream from `src` at `src_off` into `dst` at `dst_off`. Each
+/// chunk is written only once verified; on error the caller truncates `dst`
+/// back to `dst_off`, so no unverified plaintext is left (a stream cut at a
+/// chunk boundary is found only at its end).
+pub fn open_file_at(
+    key: &V2Key,
+    ad: &[u8],
+    src: &File,
+    src_off: u64,
+    dst: &File,
+    dst_off: u64,
+    chunk: usize,
+) -> KmiResult<Moved> {
+    let mut opener = key.opener(ad);
+    let (read, written) = pipeline(src, src_off, chunk, dst, dst_off, |data, out| match data {
+        Some(data) => opener.update(data, out),
+        None => opener.finish(out),
+    })?;
+    Ok(Moved { read, written })
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@ pub mod kdf;
 pub mod kek;
 pub mod pem;
 pub mod store;
+pub mod v2;
 
 #[cfg(feature = "python")]
 mod python;

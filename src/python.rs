@@ -6,6 +6,7 @@ use std::fs::File;
 use std::os::fd::BorrowedFd;
 
 use pyo3::exceptions::PyTypeError;
+use pyo3::intern;
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyString};
 use zeroize::Zeroizing;
@@ -13,7 +14,8 @@ use zeroize::Zeroizing;
 use crate::cipher::{derive_cipher_key, DataCipher, FILE_HEADER};
 use crate::errors::KmiError;
 use crate::facility::{self, DekPolicy};
-use crate::files::{decrypt_file_at, encrypt_file_at, Moved};
+use crate::files::{decrypt_file_at, encrypt_file_at, open_file_at, seal_file_at, Moved};
+use crate::v2::{self, V2Key};
 
 /// Bulk work below this many bytes keeps the GIL: the hand-off costs more.
 const DETACH_BYTES: usize = 64 * 1024;
@@ -303,23 +305,27 @@ fn encrypt_file(
 
 /// Reverse of `encrypt_file`: writes exactly the original size of plaintext to `fdst`.
 #[pyfunction]
-#[pyo3(signature = (key, fsrc, fdst, chunksize = 24 * 1024))]
+/// `head` is what the caller already read from `fsrc` (to tell the formats apart).
+#[pyo3(signature = (key, fsrc, fdst, chunksize = 24 * 1024, head = None))]
 fn decrypt_file(
     py: Python<'_>,
     key: &[u8],
     fsrc: &Bound<'_, PyAny>,
     fdst: &Bound<'_, PyAny>,
     chunksize: usize,
+    head: Option<&[u8]>,
 ) -> PyResult<()> {
     let cipher = cipher_from_key(key)?;
     let chunksize = chunksize.max(1);
+    let head = head.unwrap_or_default();
     let decrypt_at = |src: &File, src_off, dst: &File, dst_off, chunk| {
         decrypt_file_at(&cipher, src, src_off, dst, dst_off, chunk)
     };
-    if between_files(py, fsrc, fdst, chunksize, decrypt_at)? {
+    if head.is_empty() && between_files(py, fsrc, fdst, chunksize, decrypt_at)? {
         return Ok(());
     }
-    let header = read_full(fsrc, FILE_HEADER)?;
+    let mut header = head.to_vec();
+    header.extend(read_full(fsrc, FILE_HEADER.saturating_sub(head.len()))?);
     let mut dec = cipher.file_decryptor(&header)?;
     let mut out = Vec::with_capacity(chunksize + 16);
     loop {
@@ -339,47 +345,262 @@ fn decrypt_file(
     Ok(())
 }
 
-/// The master facility's key work and DEK cache. The Python class passes
-/// its (overridable) attributes on every call, and `fetch`: a callable that
-/// returns the wrapped DEK stored under a name (or raises `KeyError`), called
-/// only when the DEK is not cached.
+/// The v2 keys of one DEK (FORMATS.md 7): seal and open messages and file
+/// streams. Derived once per DEK; holds no DEK, only what HKDF made of it.
+#[pyclass(frozen, module = "keas.kmi._kmi", name = "V2Key")]
+struct PyV2Key {
+    inner: V2Key,
+}
+
+#[pymethods]
+impl PyV2Key {
+    #[new]
+    fn new(dek: &Bound<'_, PyAny>) -> PyResult<Self> {
+        Ok(PyV2Key {
+            inner: V2Key::new(&bytes_like(dek, "dek")?),
+        })
+    }
+
+    /// The 16 bytes that name the DEK in every message sealed under it.
+    #[getter]
+    fn kid<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, self.inner.kid())
+    }
+
+    /// Seal `data`; `_salt` fixes the salt, for known-answer tests only.
+    #[pyo3(signature = (data, associated_data = None, _salt = None))]
+    fn seal<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        associated_data: Option<&Bound<'py, PyAny>>,
+        _salt: Option<&[u8]>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = bytes_like(data, "data")?;
+        let ad = optional_bytes(associated_data, "associated_data")?;
+        let salt = match _salt {
+            Some(s) => s
+                .try_into()
+                .map_err(|_| KmiError::BadArgument("a v2 salt is 24 bytes".into()))?,
+            None => v2_salt()?,
+        };
+        let len = v2::sealed_len(data.len() as u64)? as usize;
+        new_bytes(py, len, false, |out| {
+            run(py, data.len() >= DETACH_BYTES, || {
+                self.inner.seal_into(&salt, &ad, &data, out)
+            })?;
+            Ok(())
+        })
+    }
+
+    /// Open what `seal` made; ValueError, saying why, for anything else.
+    #[pyo3(signature = (data, associated_data = None))]
+    fn open<'py>(
+        &self,
+        py: Python<'py>,
+        data: &Bound<'py, PyAny>,
+        associated_data: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        let data = bytes_like(data, "data")?;
+        let ad = optional_bytes(associated_data, "associated_data")?;
+        let len = self.inner.opened_len(&data)?;
+        new_bytes(py, len, false, |out| {
+            run(py, data.len() >= DETACH_BYTES, || {
+                self.inner.open_into(&data, &ad, out)
+            })?;
+            Ok(())
+        })
+    }
+
+    /// Seal the stream `fsrc` into `fdst` at its position.
+    #[pyo3(signature = (fsrc, fdst, chunksize = 24 * 1024, associated_data = None))]
+    fn seal_file(
+        &self,
+        py: Python<'_>,
+        fsrc: &Bound<'_, PyAny>,
+        fdst: &Bound<'_, PyAny>,
+        chunksize: usize,
+        associated_data: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<()> {
+        let ad = optional_bytes(associated_data, "associated_data")?;
+        let key = &self.inner;
+        let seal_at = |src: &File, src_off, dst: &File, dst_off, chunk| {
+            seal_file_at(key, &ad, src, src_off, dst, dst_off, chunk)
+        };
+        let chunksize = chunksize.max(1);
+        if between_files(py, fsrc, fdst, chunksize, seal_at)? {
+            return Ok(());
+        }
+        let mut sealer = key.sealer(&ad)?;
+        fdst.call_method1("write", (PyBytes::new(py, sealer.header()),))?;
+        let mut out = Vec::with_capacity(chunksize + v2::SEALED_CHUNK);
+        loop {
+            let chunk = read_full(fsrc, chunksize)?;
+            out.clear();
+            if chunk.is_empty() {
+                sealer.finish(&mut out)?;
+            } else {
+                run(py, chunk.len() >= DETACH_BYTES, || {
+                    sealer.update(&chunk, &mut out)
+                })?;
+            }
+            if !out.is_empty() {
+                fdst.call_method1("write", (PyBytes::new(py, &out),))?;
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Open a v2 stream from `fsrc` into `fdst`. `head` is what the caller
+    /// already read from `fsrc` (to tell the formats apart). Only verified
+    /// chunks are written; the caller truncates `fdst` if this fails.
+    #[pyo3(signature = (fsrc, fdst, chunksize = 24 * 1024, associated_data = None, head = None))]
+    fn open_file(
+        &self,
+        py: Python<'_>,
+        fsrc: &Bound<'_, PyAny>,
+        fdst: &Bound<'_, PyAny>,
+        chunksize: usize,
+        associated_data: Option<&Bound<'_, PyAny>>,
+        head: Option<&[u8]>,
+    ) -> PyResult<()> {
+        let ad = optional_bytes(associated_data, "associated_data")?;
+        let key = &self.inner;
+        let chunksize = chunksize.max(1);
+        let head = head.unwrap_or_default();
+        if head.is_empty() {
+            let open_at = |src: &File, src_off, dst: &File, dst_off, chunk| {
+                open_file_at(key, &ad, src, src_off, dst, dst_off, chunk)
+            };
+            if between_files(py, fsrc, fdst, chunksize, open_at)? {
+                return Ok(());
+            }
+        }
+        let mut opener = key.opener(&ad);
+        let mut out = Vec::with_capacity(chunksize + v2::CHUNK);
+        opener.update(head, &mut out)?;
+        loop {
+            let chunk = read_full(fsrc, chunksize)?;
+            if chunk.is_empty() {
+                opener.finish(&mut out)?;
+            } else {
+                run(py, chunk.len() >= DETACH_BYTES, || {
+                    opener.update(&chunk, &mut out)
+                })?;
+            }
+            if !out.is_empty() {
+                fdst.call_method1("write", (PyBytes::new(py, &out),))?;
+                out.clear();
+            }
+            if chunk.is_empty() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn v2_salt() -> PyResult<[u8; v2::SALT_LEN]> {
+    let mut salt = [0u8; v2::SALT_LEN];
+    getrandom::fill(&mut salt).map_err(|e| PyErr::from(std::io::Error::other(e)))?;
+    Ok(salt)
+}
+
+fn optional_bytes<'a>(obj: Option<&'a Bound<'_, PyAny>>, what: &str) -> PyResult<Cow<'a, [u8]>> {
+    match obj {
+        None => Ok(Cow::Borrowed(&[])),
+        Some(o) if o.is_none() => Ok(Cow::Borrowed(&[])),
+        Some(o) => bytes_like(o, what),
+    }
+}
+
+/// The master facility's key work and DEK cache. Every method takes
+/// `owner`, the Python facility: its (overridable) `timeout` is read on each
+/// call; `rsaPassphrase`, `keyLength` and its `_fetch(name)` (the wrapped DEK
+/// stored under a name, or `KeyError`) only when the DEK is not cached.
 #[pyclass(frozen, module = "keas.kmi._kmi")]
 struct Facility {
     inner: facility::Facility,
 }
 
+fn owner_timeout(owner: &Bound<'_, PyAny>) -> PyResult<f64> {
+    owner.getattr(intern!(owner.py(), "timeout"))?.extract()
+}
+
+/// `rsaPassphrase` as bytes: str is Latin-1 when it can be (as PyCrypto read it), else UTF-8.
+fn owner_passphrase(owner: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
+    let value = owner.getattr(intern!(owner.py(), "rsaPassphrase"))?;
+    if value.is_none() {
+        return Ok(Vec::new());
+    }
+    if let Ok(text) = value.cast::<PyString>() {
+        let text = text.to_cow()?;
+        return Ok(if text.chars().all(|c| (c as u32) < 256) {
+            text.chars().map(|c| c as u8).collect()
+        } else {
+            text.as_bytes().to_vec()
+        });
+    }
+    Ok(bytes_like(&value, "rsaPassphrase")?.into_owned())
+}
+
 impl Facility {
-    /// The DEK for `kek`: cached, or fetched by name and unwrapped (GIL released).
+    /// The DEK for `kek`: cached, or fetched by name through the owner and
+    /// unwrapped (GIL released).
     fn dek_or_fetch(
         &self,
         py: Python<'_>,
+        owner: &Bound<'_, PyAny>,
         kek: &[u8],
-        policy: &DekPolicy,
-        fetch: &Bound<'_, PyAny>,
+        timeout: f64,
     ) -> PyResult<Zeroizing<Vec<u8>>> {
-        if let Some(dek) = self.inner.cached_dek(kek, policy.timeout) {
+        if let Some(dek) = self.inner.cached_dek(kek, timeout) {
             return Ok(dek);
         }
         // The stored DEK comes first: an unknown KEK is a KeyError without parsing it.
         let name = facility::kek_name(kek);
-        let wrapped = fetch.call1((&name,))?;
+        let wrapped = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
         let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
-        Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, policy))?)
+        let passphrase = owner_passphrase(owner)?;
+        let policy = DekPolicy {
+            timeout,
+            passphrase: &passphrase,
+            dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
+        };
+        Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy))?)
     }
 
+    fn v2_key(&self, py: Python<'_>, owner: &Bound<'_, PyAny>, kek: &[u8]) -> PyResult<V2Key> {
+        let timeout = owner_timeout(owner)?;
+        if let Some(key) = self.inner.cached_v2(kek, timeout) {
+            return Ok(key);
+        }
+        let dek = self.dek_or_fetch(py, owner, kek, timeout)?;
+        // Cached now, unless the timeout is zero: then derive it for this call.
+        Ok(self
+            .inner
+            .cached_v2(kek, f64::INFINITY)
+            .unwrap_or_else(|| V2Key::new(&dek)))
+    }
+
+    /// The legacy cipher for `kek` and the owner's `_bytesToKeySalt`, and its IV.
     fn cipher(
         &self,
         py: Python<'_>,
+        owner: &Bound<'_, PyAny>,
         kek: &[u8],
-        policy: &DekPolicy,
-        salt: &[u8],
-        fetch: &Bound<'_, PyAny>,
-    ) -> PyResult<std::sync::Arc<DataCipher>> {
-        if let Some(cipher) = self.inner.cached_cipher(kek, policy.timeout, salt)? {
-            return Ok(cipher);
+    ) -> PyResult<(std::sync::Arc<DataCipher>, Vec<u8>)> {
+        let timeout = owner_timeout(owner)?;
+        let salt = owner.getattr(intern!(py, "_bytesToKeySalt"))?;
+        let salt = bytes_like(&salt, "_bytesToKeySalt")?;
+        let iv = owner.getattr(intern!(py, "initializationVector"))?;
+        let iv = bytes_like(&iv, "initializationVector")?.into_owned();
+        if let Some(cipher) = self.inner.cached_cipher(kek, timeout, &salt)? {
+            return Ok((cipher, iv));
         }
-        let dek = self.dek_or_fetch(py, kek, policy, fetch)?;
-        Ok(self.inner.remember_cipher(kek, &dek, salt)?)
+        let dek = self.dek_or_fetch(py, owner, kek, timeout)?;
+        Ok((self.inner.remember_cipher(kek, &dek, &salt)?, iv))
     }
 }
 
@@ -410,67 +631,76 @@ impl Facility {
         ))
     }
 
-    /// The DEK for a KEK, cached for `timeout` seconds.
+    /// The DEK for a KEK, cached for the owner's `timeout` seconds.
     fn dek<'py>(
         &self,
         py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
-        timeout: f64,
-        passphrase: &[u8],
-        dek_length: usize,
-        fetch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let policy = DekPolicy {
-            timeout,
-            passphrase,
-            dek_length,
-        };
-        let dek = self.dek_or_fetch(py, &bytes_like(kek, "key")?, &policy, fetch)?;
+        let timeout = owner_timeout(owner)?;
+        let dek = self.dek_or_fetch(py, owner, &bytes_like(kek, "key")?, timeout)?;
         Ok(PyBytes::new(py, &dek))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Legacy `encrypt` (AES-256-CBC, FORMATS.md 3) under the DEK of `kek`.
     fn encrypt<'py>(
         &self,
         py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
         data: &Bound<'py, PyAny>,
-        timeout: f64,
-        passphrase: &[u8],
-        dek_length: usize,
-        salt: &[u8],
-        iv: &[u8],
-        fetch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let policy = DekPolicy {
-            timeout,
-            passphrase,
-            dek_length,
-        };
-        let cipher = self.cipher(py, &bytes_like(kek, "key")?, &policy, salt, fetch)?;
-        encrypt_bytes(py, &cipher, iv, &bytes_like(data, "data")?)
+        let (cipher, iv) = self.cipher(py, owner, &bytes_like(kek, "key")?)?;
+        encrypt_bytes(py, &cipher, &iv, &bytes_like(data, "data")?)
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// Legacy `decrypt`.
     fn decrypt<'py>(
         &self,
         py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
         data: &Bound<'py, PyAny>,
-        timeout: f64,
-        passphrase: &[u8],
-        dek_length: usize,
-        salt: &[u8],
-        iv: &[u8],
-        fetch: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let policy = DekPolicy {
-            timeout,
-            passphrase,
-            dek_length,
-        };
-        let cipher = self.cipher(py, &bytes_like(kek, "key")?, &policy, salt, fetch)?;
-        decrypt_bytes(py, &cipher, iv, &bytes_like(data, "data")?)
+        let (cipher, iv) = self.cipher(py, owner, &bytes_like(kek, "key")?)?;
+        decrypt_bytes(py, &cipher, &iv, &bytes_like(data, "data")?)
+    }
+
+    /// The v2 keys of the DEK for a KEK.
+    fn v2key(
+        &self,
+        py: Python<'_>,
+        owner: &Bound<'_, PyAny>,
+        kek: &Bound<'_, PyAny>,
+    ) -> PyResult<PyV2Key> {
+        let inner = self.v2_key(py, owner, &bytes_like(kek, "key")?)?;
+        Ok(PyV2Key { inner })
+    }
+
+    /// `v2key(owner, kek).seal(data, associated_data)` in one call.
+    fn seal<'py>(
+        &self,
+        py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
+        kek: &Bound<'py, PyAny>,
+        data: &Bound<'py, PyAny>,
+        associated_data: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.v2key(py, owner, kek)?
+            .seal(py, data, associated_data, None)
+    }
+
+    /// `v2key(owner, kek).open(data, associated_data)` in one call.
+    fn open<'py>(
+        &self,
+        py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
+        kek: &Bound<'py, PyAny>,
+        data: &Bound<'py, PyAny>,
+        associated_data: Option<&Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.v2key(py, owner, kek)?.open(py, data, associated_data)
     }
 
     /// A snapshot of the DEK cache as (name, fetch time, DEK) triples.
@@ -563,6 +793,8 @@ fn load_state<'py>(data: &Bound<'py, PyAny>, default: Bound<'py, PyAny>) -> Boun
 fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Facility>()?;
     m.add_class::<DekStore>()?;
+    m.add_class::<PyV2Key>()?;
+    m.add("V2_MAGIC", PyBytes::new(m.py(), &v2::MAGIC))?;
     m.add(
         "KeyExistsError",
         m.py().get_type::<crate::errors::KeyExistsError>(),

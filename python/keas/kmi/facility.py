@@ -35,17 +35,72 @@ def _passphrase(value):
         return value.encode('utf-8')
 
 
+# The two data formats (FORMATS.md): 1, legacy AES-256-CBC with a fixed IV
+# (sections 3-4), which keas.kmi 3.x reads; 2, v2, authenticated (section 7).
+LEGACY = 1
+V2 = 2
+V2_MAGIC = _kmi.V2_MAGIC
+
+
+def _check_format(service):
+    fmt = service.dataFormat
+    if fmt not in (LEGACY, V2):
+        raise ValueError('dataFormat must be 1 (legacy) or 2 (v2), not %r' % (fmt,))
+    return fmt
+
+
+def _check_legacy(service, associated_data, reading):
+    """The legacy format is allowed here, or a ValueError saying why not."""
+    if associated_data:
+        raise ValueError('associated data needs the v2 format (dataFormat = 2); '
+                         'the legacy format cannot bind it')
+    if reading and not service.acceptLegacy:
+        raise ValueError('legacy (unauthenticated) data refused: acceptLegacy is False')
+
+
+def _peek_head(fsrc):
+    """The first 8 bytes of ``fsrc`` (fewer at its end), and whether the
+    stream was put back where it was, so that they may be read again."""
+    try:
+        start = fsrc.tell() if fsrc.seekable() else None
+    except (AttributeError, OSError):
+        start = None
+    head = b''
+    while len(head) < 8:
+        more = fsrc.read(8 - len(head))
+        if not more:
+            break
+        head += bytes(more)
+    if start is not None:
+        fsrc.seek(start)
+        return head, True
+    return head, False
+
+
+def _position(stream):
+    try:
+        return stream.tell() if stream.seekable() else None
+    except (AttributeError, OSError):
+        return None
+
+
 @implementer(interfaces.IEncryptionService)
 class EncryptionService(object):
     """Data encryption under the DEK that ``getEncryptionKey`` returns.
 
-    Subclasses provide ``getEncryptionKey(kek) -> dek``. The cipher is
-    AES-256-CBC; its key is derived from the DEK and ``_bytesToKeySalt``.
+    Subclasses provide ``getEncryptionKey(kek) -> dek``. ``dataFormat``
+    chooses what ``encrypt`` and ``encrypt_file`` write: 1, the legacy
+    AES-256-CBC (key derived from the DEK and ``_bytesToKeySalt``), or 2, the
+    authenticated v2 format. ``decrypt`` and ``decrypt_file`` read both;
+    with ``acceptLegacy = False`` they refuse the legacy format.
     """
 
     # A fixed IV: existing ciphertexts depend on it (see SECURITY.md).
     initializationVector = b'0123456789ABCDEF'
     _bytesToKeySalt = b'12345678'
+
+    dataFormat = LEGACY
+    acceptLegacy = True
 
     def getEncryptionKey(self, key):
         raise NotImplementedError
@@ -57,24 +112,64 @@ class EncryptionService(object):
     def _cipherKey(self, key):
         return self._bytesToKey(self.getEncryptionKey(key))
 
-    def encrypt(self, key, data):
+    def _v2Key(self, key):
+        """The v2 keys of ``key``'s DEK, derived once per DEK."""
+        dek = self.getEncryptionKey(key)
+        keys = self.__dict__.get('_v2_keys')
+        if keys is None:
+            keys = self.__dict__['_v2_keys'] = {}
+        v2key = keys.get(dek)
+        if v2key is None:
+            if len(keys) >= 1000:
+                keys.clear()
+            v2key = keys[dek] = _kmi.V2Key(dek)
+        return v2key
+
+    def encrypt(self, key, data, associated_data=b''):
         """See interfaces.IEncryptionService"""
+        if _check_format(self) == V2:
+            return self._v2Key(key).seal(data, associated_data)
+        _check_legacy(self, associated_data, reading=False)
         return _kmi.encrypt(self._cipherKey(key), self.initializationVector, data)
 
-    def decrypt(self, key, data):
+    def decrypt(self, key, data, associated_data=b''):
         """See interfaces.IEncryptionService; ValueError for anything but our ciphertext."""
+        if data[:8] == V2_MAGIC:
+            return self._v2Key(key).open(data, associated_data)
+        _check_legacy(self, associated_data, reading=True)
         return _kmi.decrypt(self._cipherKey(key), self.initializationVector, data)
 
-    def encrypt_file(self, key, fsrc, fdst, chunksize=DEFAULT_CHUNKSIZE):
+    def encrypt_file(self, key, fsrc, fdst, chunksize=DEFAULT_CHUNKSIZE,
+                     associated_data=b''):
         """Encrypt the binary file ``fsrc`` into ``fdst`` at its current position.
 
         ``chunksize`` is how much is read at a time; it does not change the output.
         """
+        if _check_format(self) == V2:
+            self._v2Key(key).seal_file(fsrc, fdst, chunksize, associated_data)
+            return
+        _check_legacy(self, associated_data, reading=False)
         _kmi.encrypt_file(self._cipherKey(key), fsrc, fdst, chunksize)
 
-    def decrypt_file(self, key, fsrc, fdst, chunksize=DEFAULT_CHUNKSIZE):
-        """Decrypt what ``encrypt_file`` wrote; ValueError if it is damaged."""
-        _kmi.decrypt_file(self._cipherKey(key), fsrc, fdst, chunksize)
+    def decrypt_file(self, key, fsrc, fdst, chunksize=DEFAULT_CHUNKSIZE,
+                     associated_data=b''):
+        """Decrypt what ``encrypt_file`` wrote, in either format; ValueError
+        if it is damaged. Then a seekable ``fdst`` is truncated back to where
+        writing began, so that no unverified plaintext is left in it."""
+        head, rewound = _peek_head(fsrc)
+        consumed = None if rewound else head
+        start = _position(fdst)
+        try:
+            if head == V2_MAGIC:
+                self._v2Key(key).open_file(fsrc, fdst, chunksize, associated_data, consumed)
+            else:
+                _check_legacy(self, associated_data, reading=True)
+                _kmi.decrypt_file(self._cipherKey(key), fsrc, fdst, chunksize, consumed)
+        except ValueError:
+            if start is not None:
+                fdst.seek(start)
+                fdst.truncate()
+            raise
 
 
 class _DekCacheView(Mapping):
@@ -205,25 +300,33 @@ class KeyManagementFacility(EncryptionService):
 
     def getEncryptionKey(self, key):
         """The DEK for the KEK ``key``: KeyError if unknown, ValueError if unusable."""
-        return self._core.dek(
-            key, self.timeout, _passphrase(self.rsaPassphrase), self.keyLength,
-            self._fetch)
+        return self._core.dek(self, key)
 
-    def encrypt(self, key, data):
+    def _v2Key(self, key):
         if not self._native:
-            return super().encrypt(key, data)
-        return self._core.encrypt(
-            key, data, self.timeout, _passphrase(self.rsaPassphrase),
-            self.keyLength, self._bytesToKeySalt, self.initializationVector,
-            self._fetch)
+            return super()._v2Key(key)
+        return self._core.v2key(self, key)
 
-    def decrypt(self, key, data):
+    def encrypt(self, key, data, associated_data=b''):
         if not self._native:
-            return super().decrypt(key, data)
-        return self._core.decrypt(
-            key, data, self.timeout, _passphrase(self.rsaPassphrase),
-            self.keyLength, self._bytesToKeySalt, self.initializationVector,
-            self._fetch)
+            return super().encrypt(key, data, associated_data)
+        fmt = self.dataFormat
+        if fmt == V2:
+            return self._core.seal(self, key, data, associated_data)
+        if fmt != LEGACY:
+            _check_format(self)
+        if associated_data:
+            _check_legacy(self, associated_data, reading=False)
+        return self._core.encrypt(self, key, data)
+
+    def decrypt(self, key, data, associated_data=b''):
+        if not self._native:
+            return super().decrypt(key, data, associated_data)
+        if data[:8] == V2_MAGIC:
+            return self._core.open(self, key, data, associated_data)
+        if associated_data or not self.acceptLegacy:
+            _check_legacy(self, associated_data, reading=True)
+        return self._core.decrypt(self, key, data)
 
     def __repr__(self):
         return '<%s (%i)>' % (self.__class__.__name__, len(self))
