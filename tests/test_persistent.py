@@ -116,3 +116,69 @@ def test_wrong_key_is_a_value_error(zca, db_path, storage_dir):
         conn2.root()['s'].name
     transaction.abort()
     db.close()
+
+
+def raw_state(db_path, name):
+    """The stored (ciphertext, references) state of root[name], unpickled raw."""
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(db_path, read_only=True))
+    try:
+        conn = db.open()
+        oid = conn.root()[name]._p_oid
+        data, _ = db.storage.load(oid)
+        state = conn._reader.getState(data)
+        transaction.abort()
+        return state
+    finally:
+        db.close()
+
+
+def test_states_follow_the_services_format_and_both_read(zca, db_path):
+    from keas.kmi.facility import V2_MAGIC
+    db = open_db(db_path)
+    conn = db.open()
+    conn.root()['old'] = Secret('Ann', '111')
+    transaction.commit()
+    zca.dataFormat = 2
+    friend = Secret('Bob', '222')
+    conn.root()['new'] = Secret('Cy', '333')
+    conn.root()['new'].friend = friend
+    transaction.commit()
+    db.close()
+    old, new = raw_state(db_path, 'old'), raw_state(db_path, 'new')
+    assert old[0][:8] != V2_MAGIC and len(old[0]) % 16 == 0
+    assert new[0][:8] == V2_MAGIC
+    assert isinstance(new, tuple) and len(new[1]) == 1  # the reference stays in clear
+    for fmt in (1, 2):
+        zca.dataFormat = fmt
+        db = open_db(db_path)
+        root = db.open().root()
+        assert (root['old'].name, root['new'].name, root['new'].friend.ssn) == \
+            ('Ann', 'Cy', '222')
+        transaction.abort()
+        db.close()
+    zca.acceptLegacy = False
+    db = open_db(db_path)
+    root = db.open().root()
+    assert root['new'].name == 'Cy'
+    with pytest.raises(ValueError, match='acceptLegacy'):
+        root['old'].name
+    transaction.abort()
+    db.close()
+
+
+def test_a_v2_state_under_another_key_says_so(zca, db_path, storage_dir):
+    zca.dataFormat = 2
+    db = open_db(db_path)
+    conn = db.open()
+    conn.root()['s'] = Secret('Ann', '1')
+    transaction.commit()
+    from zope.component import provideUtility
+    from keas.kmi import facility, interfaces
+    other = facility.KeyManagementFacility(storage_dir)
+    holder = type('Holder', (), {'key': other.generate()})()
+    provideUtility(other, interfaces.IKeyManagementFacility)
+    provideUtility(holder, interfaces.IKeyHolder)
+    with pytest.raises(ValueError, match='another key'):
+        db.open().root()['s'].name
+    transaction.abort()
+    db.close()

@@ -6,6 +6,7 @@ ends with counts; every failure is one line on standard error and a
 non-zero exit status, never a traceback.
 """
 import argparse
+import os
 import sys
 
 EXIT_FAILURE = 1
@@ -37,7 +38,8 @@ def make_parser():
 
 
 def _registrations():
-    return []
+    from keas.kmi import migrate
+    return [migrate.register]
 
 
 def main(argv=None):
@@ -51,8 +53,17 @@ def main(argv=None):
     except KeyboardInterrupt:
         print('kmi: interrupted', file=sys.stderr)
         return 130
+    except Exception as error:  # a bug, or a failure no command foresaw
+        if os.environ.get('KMI_DEBUG'):
+            raise
+        print('kmi: %s failed: %s: %s (KMI_DEBUG=1 shows the traceback)'
+              % (args.command, type(error).__name__, error), file=sys.stderr)
+        return EXIT_FAILURE
     return status or 0
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    # Run the imported module's main, so that the commands' CommandError is this one.
+    from keas.kmi.cli import main as _main
+
+    sys.exit(_main())
