@@ -174,6 +174,18 @@ def openssl_speed(decrypt):
     raise RuntimeError('cannot parse openssl speed output:\n' + out)
 
 
+def openssl_speed_gcm(decrypt):
+    """openssl speed -evp aes-256-gcm (one core, 16 KiB buffers), bytes/s."""
+    cmd = ['openssl', 'speed'] + (['-decrypt'] if decrypt else [])
+    cmd += ['-evp', 'aes-256-gcm', '-bytes', '16384', '-seconds', str(P['openssl_seconds'])]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    for line in out.splitlines():
+        m = re.match(r'^(aes-256-gcm)\s+([\d.]+)k\s*$', line.strip(), re.I)
+        if m:
+            return float(m.group(2)) * 1000
+    raise RuntimeError('cannot parse openssl speed output:\n' + out)
+
+
 def wrk_version():
     if not shutil.which('wrk'):
         return '(not installed; loadgen.py is used)'
@@ -419,7 +431,7 @@ class Bench:
         self.workers = {side: Worker(side) for side in SIDES}
         self.rows = []
         self.raw = []
-        self.openssl = {'encrypt': [], 'decrypt': []}
+        self.openssl = {'encrypt': [], 'decrypt': [], 'gcm encrypt': [], 'gcm decrypt': []}
         self.servers = []
 
     def row(self, *args, **kwargs):
@@ -464,13 +476,14 @@ class Bench:
                       % (side, kind))
         self.dek = bytes.fromhex(self.keks['legacy']['dek'])
         self.key = cipher_key(self.dek)
+        self.small_ct = subprocess.run(openssl_cbc(self.key, IV), input=SMALL_PLAINTEXT,
+                                       capture_output=True, check=True).stdout
+        check(len(self.small_ct) == 16, 'openssl gave %d bytes' % len(self.small_ct))
 
     # -- workloads -------------------------------------------------------------
 
     def small(self):
-        ct = subprocess.run(openssl_cbc(self.key, IV), input=SMALL_PLAINTEXT,
-                            capture_output=True, check=True).stdout
-        check(len(ct) == 16, 'openssl gave %d bytes' % len(ct))
+        ct = self.small_ct
         n = P['small_calls']
         for which in ('encrypt', 'decrypt'):
             row = self.row('%s 15 B, DEK cached (per call)' % which,
@@ -495,6 +508,17 @@ class Bench:
             except Exception as e:
                 self.raw.append('openssl speed %s | failed: %s' % (which, e))
                 log('openssl speed %s failed: %s' % (which, e))
+
+    def measure_openssl_gcm(self):
+        for which in ('encrypt', 'decrypt'):
+            try:
+                bps = openssl_speed_gcm(which == 'decrypt')
+                self.openssl['gcm ' + which].append(bps)
+                self.raw.append('openssl speed gcm %s | %.0f bytes/s' % (which, bps))
+                log('openssl speed aes-256-gcm %s: %.2f GB/s' % (which, bps / GB))
+            except Exception as e:
+                self.raw.append('openssl speed gcm %s | failed: %s' % (which, e))
+                log('openssl speed gcm %s failed: %s' % (which, e))
 
     def openssl_goal(self, which, factor):
         def goal(row):
@@ -624,6 +648,110 @@ class Bench:
             dec.fail(e)
         os.remove(plain)
         os.remove(made)
+
+    # -- v2: ours in the v2 format ------------------------------------------
+
+    def small_v2(self):
+        """v2 on our side against the reference's legacy format."""
+        for which in ('encrypt', 'decrypt'):
+            row = self.row('v2 %s 15 B, DEK cached (ref: legacy)' % which,
+                           target='>= 10x ref legacy')
+            row.goal = speedup_goal(10)
+            try:
+                for _, side in self.alternate(P['small_rounds']):
+                    if side == 'ours':
+                        a = self.workers[side].call('small_v2', which=which, kind='legacy',
+                                                    n=P['small_calls'],
+                                                    plaintext=SMALL_PLAINTEXT.hex())
+                    else:
+                        a = self.workers[side].call(
+                            'small', which=which, kind='legacy', n=P['small_calls'],
+                            plaintext=SMALL_PLAINTEXT.hex(), ciphertext=self.small_ct.hex())
+                    self.record(row, side, a['seconds'] / P['small_calls'],
+                                calls=P['small_calls'])
+            except (WorkerError, CheckFailed) as e:
+                row.fail(e)
+
+    def bulk_v2(self):
+        size = P['bulk_size']
+        plain = os.path.join(RUN, 'bulk.plain')
+        write_random(plain, size)
+        rows = {}
+        for which in ('encrypt', 'decrypt'):
+            rows[which] = self.row('v2 %s %d MiB bytes (ours only)' % (which, size // MiB),
+                                   unit_bytes=size,
+                                   target='>= 0.8 x openssl gcm %s' % which)
+            rows[which].goal = self.openssl_goal('gcm ' + which, 0.8)
+        try:
+            self.workers['ours'].call('load', name='plain', path=plain)
+            for which, row in rows.items():
+                for _ in range(P['bulk_rounds']):
+                    a = self.workers['ours'].call('bulk_v2', which=which, kind='legacy',
+                                                  plain='plain')
+                    self.record(row, 'ours', a['seconds'])
+        except (WorkerError, CheckFailed) as e:
+            for row in rows.values():
+                if not row.status:
+                    row.fail(e)
+        finally:
+            try:
+                self.workers['ours'].call('drop', name='plain')
+            except WorkerError:
+                pass
+            os.remove(plain)
+
+    def files_v2(self):
+        size = P['file_size']
+        plain = os.path.join(RUN, 'file.plain')
+        write_random(plain, size)
+        plain_sha = sha256_file(plain)
+        sealed = os.path.join(RUN, 'file.v2.enc')
+        mib = size // MiB
+
+        def goal(row):
+            g = row.gbps('ours')
+            return g >= 2, '%.2f GB/s vs >= 2 GB/s' % g
+        enc = self.row('v2 encrypt_file %d MiB (disk, ours only)' % mib, unit_bytes=size,
+                       target='>= 2 GB/s')
+        dec = self.row('v2 decrypt_file %d MiB (disk, ours only)' % mib, unit_bytes=size,
+                       target='>= 2 GB/s')
+        enc.goal = dec.goal = goal
+        for row, which, src, dst in ((enc, 'encrypt', plain, sealed),
+                                     (dec, 'decrypt', sealed, sealed + '.out')):
+            try:
+                for _ in range(P['file_rounds']):
+                    a = self.workers['ours'].call('file_v2', which=which, kind='legacy',
+                                                  src=src, dst=dst)
+                    if which == 'encrypt':
+                        check(a['out_size'] == 82 + size + 16 * (size // 16384 + 1),
+                              'v2 file of %d bytes' % a['out_size'])
+                    else:
+                        check(a['sha256'] == plain_sha, 'v2 decrypt_file: wrong plaintext')
+                    self.record(row, 'ours', a['seconds'])
+            except (WorkerError, CheckFailed) as e:
+                row.fail(e)
+        for path in (plain, sealed):
+            if os.path.exists(path):
+                os.remove(path)
+
+    def zodb_v2(self):
+        n = P['zodb_objects']
+        row = self.row('ZODB commit + load %d objects, v2 (ref column: our legacy)' % n,
+                       target='<= 1.25x our legacy')
+
+        def goal(r):
+            ratio = r.median('ours') / r.median('ref')
+            return ratio <= 1.25, 'v2 takes %.2fx our legacy time vs <= 1.25x' % ratio
+        row.goal = goal
+        path = os.path.join(RUN, 'zodb-v2.fs')
+        store = os.path.join(RUN, 'zodb-keys-ours')
+        try:
+            for r, side in self.alternate(P['zodb_rounds']):
+                a = self.workers['ours'].call('zodb', path=path, n=n, store=store,
+                                              fmt=2 if side == 'ours' else 1)
+                self.record(row, side, a['seconds'])
+        except (WorkerError, CheckFailed) as e:
+            row.fail(e)
 
     def generate(self):
         row = self.row('generate() (keygen, wrap, store)', target='>= 3x ref')
@@ -990,6 +1118,8 @@ end
             section('generate', self.generate)
             section('cold', self.cold)
             section('zodb', self.zodb)
+            section('v2', self.small_v2, self.measure_openssl_gcm, self.bulk_v2,
+                    self.files_v2, self.measure_openssl_gcm, self.zodb_v2)
             section('wsgi', self.wsgi)
             for side in SIDES:
                 self.workers[side].stop()

@@ -273,8 +273,8 @@ class Worker:
         from keas.kmi.interfaces import IEncryptionService, IKeyHolder
         os.makedirs(store, mode=0o700, exist_ok=True)
         provideUtility(testing.TestingKeyHolder(), IKeyHolder)
-        provideUtility(testing.TestingKeyManagementFacility(store),
-                       IEncryptionService)
+        self._zodb_service = testing.TestingKeyManagementFacility(store)
+        provideUtility(self._zodb_service, IEncryptionService)
         self._zodb_ready = True
 
     @staticmethod
@@ -310,15 +310,17 @@ class Worker:
         finally:
             db.close()
 
-    def op_zodb(self, path, n, store):
+    def op_zodb(self, path, n, store, fmt=1):
         """Commit ``n`` EncryptedPersistent records to a new FileStorage, then
-        load and check all of them through a new DB and connection."""
+        load and check all of them through a new DB and connection.
+        ``fmt`` (ours only): the data format the states are written in."""
         import BTrees.OOBTree
         import transaction
         import ZODB
         import ZODB.FileStorage
         from zodbmodel import Record
         self._zodb_setup(store)
+        self._zodb_service.dataFormat = fmt
         for suffix in ('', '.index', '.lock', '.tmp'):
             remove(path + suffix)
         # The records' contents are test data, made before the clock starts.
@@ -345,6 +347,60 @@ class Worker:
         self._zodb_setup(store)
         self._zodb_load(path, [self._record_fields(i) for i in range(n)])
         return {}
+
+    # -- the v2 format (ours only) ------------------------------------------
+
+    def _v2_facility(self):
+        fac = self.facility
+        fac.dataFormat = 2
+        return fac
+
+    def op_small_v2(self, which, kind, n, plaintext):
+        """``n`` v2 encrypt (or decrypt) calls of one short string, DEK cached."""
+        fac = self._v2_facility()
+        kek = self.keks[kind]
+        plain = bytes.fromhex(plaintext)
+        sealed = fac.encrypt(kek, plain)
+        check(fac.decrypt(kek, sealed) == plain, 'v2 round trip failed')
+        fn, arg = (fac.encrypt, plain) if which == 'encrypt' else (fac.decrypt, sealed)
+        loop = range(n)
+        t0 = time.perf_counter()
+        for _ in loop:
+            out = fn(kek, arg)
+        seconds = time.perf_counter() - t0
+        if which == 'encrypt':
+            check(len(out) == 82 + len(plain) + 16 and fac.decrypt(kek, out) == plain,
+                  'v2 encrypt gave a wrong answer in the loop')
+        else:
+            check(out == plain, 'v2 decrypt gave a wrong answer in the loop')
+        fac.dataFormat = 1
+        return {'seconds': seconds, 'calls': n}
+
+    def op_bulk_v2(self, which, kind, plain):
+        """v2 encrypt or decrypt of one large loaded blob, checked untimed."""
+        fac = self._v2_facility()
+        kek = self.keks[kind]
+        src = self.blobs[plain]
+        sealed = fac.encrypt(kek, src) if which == 'decrypt' else None
+        t0 = time.perf_counter()
+        out = fac.encrypt(kek, src) if which == 'encrypt' else fac.decrypt(kek, sealed)
+        seconds = time.perf_counter() - t0
+        if which == 'encrypt':
+            check(len(out) == 82 + len(src) + 16 * (len(src) // 16384 + 1)
+                  and fac.decrypt(kek, out) == src, 'v2 encrypt of a blob is wrong')
+        else:
+            check(out == src, 'v2 decrypt of a blob is wrong')
+        del out, sealed
+        fac.dataFormat = 1
+        return {'seconds': seconds, 'bytes': len(src)}
+
+    def op_file_v2(self, which, kind, src, dst):
+        """v2 encrypt_file / decrypt_file between real files, open to close."""
+        fac = self._v2_facility()
+        try:
+            return self.op_file(which, kind, src, dst)
+        finally:
+            fac.dataFormat = 1
 
 
 def main():

@@ -39,7 +39,7 @@ pub struct CachedDek {
     pub fetched: f64,
     pub dek: Zeroizing<Vec<u8>>,
     cipher: Option<(Vec<u8>, Arc<DataCipher>)>,
-    v2: Option<V2Key>,
+    v2: Option<Arc<V2Key>>,
 }
 
 /// Cached DEKs by the exact KEK bytes (foldhash: the KEK is ~1.7 KB and hashed on every call).
@@ -191,13 +191,13 @@ impl Facility {
 
     /// The v2 keys for `kek` if its DEK is cached and fresh: derived once
     /// per cached DEK.
-    pub fn cached_v2(&self, kek: &[u8], timeout: f64) -> Option<V2Key> {
+    pub fn cached_v2(&self, kek: &[u8], timeout: f64) -> Option<Arc<V2Key>> {
         let mut deks = self.lookup(kek, timeout)?;
         let entry = deks.get_mut(kek).expect("looked up");
         Some(
             entry
                 .v2
-                .get_or_insert_with(|| V2Key::new(&entry.dek))
+                .get_or_insert_with(|| Arc::new(V2Key::new(&entry.dek)))
                 .clone(),
         )
     }

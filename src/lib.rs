@@ -9,6 +9,7 @@ pub mod files;
 pub mod kdf;
 pub mod kek;
 pub mod pem;
+pub mod salt;
 pub mod store;
 pub mod v2;
 

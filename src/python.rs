@@ -349,7 +349,7 @@ fn decrypt_file(
 /// streams. Derived once per DEK; holds no DEK, only what HKDF made of it.
 #[pyclass(frozen, module = "keas.kmi._kmi", name = "V2Key")]
 struct PyV2Key {
-    inner: V2Key,
+    inner: std::sync::Arc<V2Key>,
 }
 
 #[pymethods]
@@ -357,7 +357,7 @@ impl PyV2Key {
     #[new]
     fn new(dek: &Bound<'_, PyAny>) -> PyResult<Self> {
         Ok(PyV2Key {
-            inner: V2Key::new(&bytes_like(dek, "dek")?),
+            inner: std::sync::Arc::new(V2Key::new(&bytes_like(dek, "dek")?)),
         })
     }
 
@@ -376,21 +376,19 @@ impl PyV2Key {
         associated_data: Option<&Bound<'py, PyAny>>,
         _salt: Option<&[u8]>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let data = bytes_like(data, "data")?;
-        let ad = optional_bytes(associated_data, "associated_data")?;
         let salt = match _salt {
             Some(s) => s
                 .try_into()
                 .map_err(|_| KmiError::BadArgument("a v2 salt is 24 bytes".into()))?,
-            None => v2_salt()?,
+            None => v2::fresh_salt()?,
         };
-        let len = v2::sealed_len(data.len() as u64)? as usize;
-        new_bytes(py, len, false, |out| {
-            run(py, data.len() >= DETACH_BYTES, || {
-                self.inner.seal_into(&salt, &ad, &data, out)
-            })?;
-            Ok(())
-        })
+        seal_bytes(
+            py,
+            &self.inner,
+            &salt,
+            &bytes_like(data, "data")?,
+            associated_data,
+        )
     }
 
     /// Open what `seal` made; ValueError, saying why, for anything else.
@@ -401,15 +399,7 @@ impl PyV2Key {
         data: &Bound<'py, PyAny>,
         associated_data: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let data = bytes_like(data, "data")?;
-        let ad = optional_bytes(associated_data, "associated_data")?;
-        let len = self.inner.opened_len(&data)?;
-        new_bytes(py, len, false, |out| {
-            run(py, data.len() >= DETACH_BYTES, || {
-                self.inner.open_into(&data, &ad, out)
-            })?;
-            Ok(())
-        })
+        open_bytes(py, &self.inner, &bytes_like(data, "data")?, associated_data)
     }
 
     /// Seal the stream `fsrc` into `fdst` at its position.
@@ -501,10 +491,49 @@ impl PyV2Key {
     }
 }
 
-fn v2_salt() -> PyResult<[u8; v2::SALT_LEN]> {
-    let mut salt = [0u8; v2::SALT_LEN];
-    getrandom::fill(&mut salt).map_err(|e| PyErr::from(std::io::Error::other(e)))?;
-    Ok(salt)
+/// Associated data needs the v2 format: the legacy one cannot bind it.
+fn refuse_legacy_with(associated_data: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+    if !optional_bytes(associated_data, "associated_data")?.is_empty() {
+        return Err(KmiError::BadArgument(
+            "associated data needs the v2 format (dataFormat = 2); the legacy format cannot bind it"
+                .into(),
+        )
+        .into());
+    }
+    Ok(())
+}
+
+fn seal_bytes<'py>(
+    py: Python<'py>,
+    key: &V2Key,
+    salt: &[u8; v2::SALT_LEN],
+    data: &[u8],
+    associated_data: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let ad = optional_bytes(associated_data, "associated_data")?;
+    let len = v2::sealed_len(data.len() as u64)? as usize;
+    new_bytes(py, len, false, |out| {
+        run(py, data.len() >= DETACH_BYTES, || {
+            key.seal_into(salt, &ad, data, out)
+        })?;
+        Ok(())
+    })
+}
+
+fn open_bytes<'py>(
+    py: Python<'py>,
+    key: &V2Key,
+    data: &[u8],
+    associated_data: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let ad = optional_bytes(associated_data, "associated_data")?;
+    let len = key.opened_len(data)?;
+    new_bytes(py, len, false, |out| {
+        run(py, data.len() >= DETACH_BYTES, || {
+            key.open_into(data, &ad, out)
+        })?;
+        Ok(())
+    })
 }
 
 fn optional_bytes<'a>(obj: Option<&'a Bound<'_, PyAny>>, what: &str) -> PyResult<Cow<'a, [u8]>> {
@@ -571,7 +600,12 @@ impl Facility {
         Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy))?)
     }
 
-    fn v2_key(&self, py: Python<'_>, owner: &Bound<'_, PyAny>, kek: &[u8]) -> PyResult<V2Key> {
+    fn v2_key(
+        &self,
+        py: Python<'_>,
+        owner: &Bound<'_, PyAny>,
+        kek: &[u8],
+    ) -> PyResult<std::sync::Arc<V2Key>> {
         let timeout = owner_timeout(owner)?;
         if let Some(key) = self.inner.cached_v2(kek, timeout) {
             return Ok(key);
@@ -581,7 +615,7 @@ impl Facility {
         Ok(self
             .inner
             .cached_v2(kek, f64::INFINITY)
-            .unwrap_or_else(|| V2Key::new(&dek)))
+            .unwrap_or_else(|| std::sync::Arc::new(V2Key::new(&dek))))
     }
 
     /// The legacy cipher for `kek` and the owner's `_bytesToKeySalt`, and its IV.
@@ -643,28 +677,65 @@ impl Facility {
         Ok(PyBytes::new(py, &dek))
     }
 
-    /// Legacy `encrypt` (AES-256-CBC, FORMATS.md 3) under the DEK of `kek`.
+    /// `encrypt` in the owner's `dataFormat`: 1, legacy AES-256-CBC
+    /// (FORMATS.md 3), which takes no associated data; 2, v2 (section 7).
+    #[pyo3(signature = (owner, kek, data, associated_data = None))]
     fn encrypt<'py>(
         &self,
         py: Python<'py>,
         owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
         data: &Bound<'py, PyAny>,
+        associated_data: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (cipher, iv) = self.cipher(py, owner, &bytes_like(kek, "key")?)?;
+        let kek = bytes_like(kek, "key")?;
+        let format = owner.getattr(intern!(py, "dataFormat"))?;
+        match format.extract::<i64>() {
+            Ok(2) => {
+                let key = self.v2_key(py, owner, &kek)?;
+                let data = bytes_like(data, "data")?;
+                return seal_bytes(py, &key, &v2::fresh_salt()?, &data, associated_data);
+            }
+            Ok(1) => {}
+            _ => {
+                return Err(KmiError::BadArgument(format!(
+                    "dataFormat must be 1 (legacy) or 2 (v2), not {}",
+                    format.repr()?
+                ))
+                .into())
+            }
+        }
+        refuse_legacy_with(associated_data)?;
+        let (cipher, iv) = self.cipher(py, owner, &kek)?;
         encrypt_bytes(py, &cipher, &iv, &bytes_like(data, "data")?)
     }
 
-    /// Legacy `decrypt`.
+    /// `decrypt` of either format, told apart by the v2 magic (FORMATS.md 7
+    /// "Reading"); legacy data only while the owner's `acceptLegacy` is true.
+    #[pyo3(signature = (owner, kek, data, associated_data = None))]
     fn decrypt<'py>(
         &self,
         py: Python<'py>,
         owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
         data: &Bound<'py, PyAny>,
+        associated_data: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let (cipher, iv) = self.cipher(py, owner, &bytes_like(kek, "key")?)?;
-        decrypt_bytes(py, &cipher, &iv, &bytes_like(data, "data")?)
+        let kek = bytes_like(kek, "key")?;
+        let data = bytes_like(data, "data")?;
+        if v2::is_v2(&data) {
+            let key = self.v2_key(py, owner, &kek)?;
+            return open_bytes(py, &key, &data, associated_data);
+        }
+        refuse_legacy_with(associated_data)?;
+        if !owner.getattr(intern!(py, "acceptLegacy"))?.is_truthy()? {
+            return Err(KmiError::bad_data(
+                "legacy (unauthenticated) data refused: acceptLegacy is False",
+            )
+            .into());
+        }
+        let (cipher, iv) = self.cipher(py, owner, &kek)?;
+        decrypt_bytes(py, &cipher, &iv, &data)
     }
 
     /// The v2 keys of the DEK for a KEK.
@@ -676,31 +747,6 @@ impl Facility {
     ) -> PyResult<PyV2Key> {
         let inner = self.v2_key(py, owner, &bytes_like(kek, "key")?)?;
         Ok(PyV2Key { inner })
-    }
-
-    /// `v2key(owner, kek).seal(data, associated_data)` in one call.
-    fn seal<'py>(
-        &self,
-        py: Python<'py>,
-        owner: &Bound<'py, PyAny>,
-        kek: &Bound<'py, PyAny>,
-        data: &Bound<'py, PyAny>,
-        associated_data: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
-        self.v2key(py, owner, kek)?
-            .seal(py, data, associated_data, None)
-    }
-
-    /// `v2key(owner, kek).open(data, associated_data)` in one call.
-    fn open<'py>(
-        &self,
-        py: Python<'py>,
-        owner: &Bound<'py, PyAny>,
-        kek: &Bound<'py, PyAny>,
-        data: &Bound<'py, PyAny>,
-        associated_data: Option<&Bound<'py, PyAny>>,
-    ) -> PyResult<Bound<'py, PyBytes>> {
-        self.v2key(py, owner, kek)?.open(py, data, associated_data)
     }
 
     /// A snapshot of the DEK cache as (name, fetch time, DEK) triples.

@@ -20,6 +20,7 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::errors::{KmiError, KmiResult};
+use crate::kdf::HmacKey;
 
 pub const MAGIC: [u8; 8] = [0x8B, 0x4B, 0x4D, 0x49, 0x0D, 0x0A, 0x1A, 0x0A];
 pub const VERSION: u8 = 2;
@@ -43,6 +44,12 @@ const MAX_CHUNKS: u64 = 1 << 32;
 const KID_SALT: &[u8] = b"keas.kmi/v2";
 const KID_INFO: &[u8] = b"input key and kid";
 const C2SP_LABEL: &[u8] = b"c2sp.org/chunked-encryption@v1+AEAD_AES_256_GCM";
+
+/// SHA-256 of no bytes: the context of every message without associated data.
+const EMPTY_SHA256: [u8; 32] = [
+    0xe3, 0xb0, 0xc4, 0x42, 0x98, 0xfc, 0x1c, 0x14, 0x9a, 0xfb, 0xf4, 0xc8, 0x99, 0x6f, 0xb9, 0x24,
+    0x27, 0xae, 0x41, 0xe4, 0x64, 0x9b, 0x93, 0x4c, 0xa4, 0x95, 0x99, 0x1b, 0x78, 0x52, 0xb8, 0x55,
+];
 
 /// Inputs from this many chunks on are sealed and opened on several cores.
 const PARALLEL_CHUNKS: usize = 64;
@@ -106,11 +113,11 @@ fn threads_for(chunks: usize) -> usize {
     *CORES.get_or_init(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
 }
 
-/// The keys of one DEK: the C2SP input key (kept as the keyed HMAC state of
-/// HKDF-Expand, so a message costs no re-keying) and the kid. Cheap to clone.
+/// The keys of one DEK: the C2SP input key (kept as its keyed HMAC states,
+/// so a message costs no re-keying) and the kid.
 #[derive(Clone)]
 pub struct V2Key {
-    input_key: Hkdf<Sha256>,
+    input_key: HmacKey,
     kid: [u8; KID_LEN],
 }
 
@@ -121,7 +128,7 @@ impl V2Key {
         Hkdf::<Sha256>::new(Some(KID_SALT), dek)
             .expand(KID_INFO, &mut *okm)
             .expect("48 bytes is a valid HKDF length");
-        let input_key = Hkdf::<Sha256>::from_prk(&okm[..32]).expect("32 bytes is a valid PRK");
+        let input_key = HmacKey::new(&okm[..32]);
         let kid = okm[32..].try_into().expect("16 bytes");
         V2Key { input_key, kid }
     }
@@ -142,14 +149,16 @@ impl V2Key {
 
     /// The per-message key, base nonce and commitment for `salt` and `ad`.
     fn message(&self, salt: &[u8; SALT_LEN], ad: &[u8]) -> Message {
-        let ad_hash: [u8; 32] = Sha256::digest(ad).into();
+        let ad_hash: [u8; 32] = if ad.is_empty() {
+            EMPTY_SHA256
+        } else {
+            Sha256::digest(ad).into()
+        };
         let mut okm = Zeroizing::new([0u8; 32 + 12 + COMMITMENT_LEN]);
-        self.input_key
-            .expand_multi_info(
-                &[C2SP_LABEL, &[0], salt, &self.prefix(), &ad_hash],
-                &mut *okm,
-            )
-            .expect("76 bytes is a valid HKDF length");
+        self.input_key.expand(
+            &[C2SP_LABEL, &[0], salt, &self.prefix(), &ad_hash],
+            &mut *okm,
+        );
         Message {
             aead: Aes256Gcm::new_from_slice(&okm[..32]).expect("32-byte key"),
             base_nonce: okm[32..44].try_into().expect("12 bytes"),
@@ -289,9 +298,10 @@ impl V2Key {
     }
 }
 
-fn fresh_salt() -> KmiResult<[u8; SALT_LEN]> {
+/// 24 fresh bytes from the OS CSPRNG, never handed out twice.
+pub fn fresh_salt() -> KmiResult<[u8; SALT_LEN]> {
     let mut salt = [0u8; SALT_LEN];
-    getrandom::fill(&mut salt).map_err(|e| KmiError::Io(std::io::Error::other(e)))?;
+    crate::salt::fill(&mut salt)?;
     Ok(salt)
 }
 
@@ -677,6 +687,11 @@ mod tests {
             seen += 1;
         }
         assert_eq!(seen, 5);
+    }
+
+    #[test]
+    fn the_empty_hash_is_sha256_of_nothing() {
+        assert_eq!(EMPTY_SHA256, <[u8; 32]>::from(Sha256::digest(b"")));
     }
 
     #[test]

@@ -310,23 +310,12 @@ class KeyManagementFacility(EncryptionService):
     def encrypt(self, key, data, associated_data=b''):
         if not self._native:
             return super().encrypt(key, data, associated_data)
-        fmt = self.dataFormat
-        if fmt == V2:
-            return self._core.seal(self, key, data, associated_data)
-        if fmt != LEGACY:
-            _check_format(self)
-        if associated_data:
-            _check_legacy(self, associated_data, reading=False)
-        return self._core.encrypt(self, key, data)
+        return self._core.encrypt(self, key, data, associated_data)
 
     def decrypt(self, key, data, associated_data=b''):
         if not self._native:
             return super().decrypt(key, data, associated_data)
-        if data[:8] == V2_MAGIC:
-            return self._core.open(self, key, data, associated_data)
-        if associated_data or not self.acceptLegacy:
-            _check_legacy(self, associated_data, reading=True)
-        return self._core.decrypt(self, key, data)
+        return self._core.decrypt(self, key, data, associated_data)
 
     def __repr__(self):
         return '<%s (%i)>' % (self.__class__.__name__, len(self))
