@@ -1,0 +1,239 @@
+"""The audit log: one entry per key event, in a SHA-256 hash chain.
+
+Each entry is one JSON object (sorted keys, no spaces) with
+
+    seq, time          its number in the chain (from 1) and when
+    event              generate, fetch, rewrap, put, state, ...
+    name, kid          the key's md5 name and v2 kid (when known)
+    client, subject    the client's address, and the certificate subject a
+                       trusted TLS-terminating proxy passed on
+    outcome            ok, or why the request was refused
+    prev               the hash of the entry before (64 zeros for the first)
+    hash               SHA-256 of this entry's JSON without ``hash``
+
+and never key material or a request or response body. Editing, inserting,
+deleting or reordering entries breaks the chain, which ``verify`` checks.
+A chain proves nothing against someone who can rewrite the whole log: ship
+the entries (or at least the head hash) off the machine.
+
+For a directory store the log is a file of JSON lines, appended under an
+exclusive ``flock`` so that several server processes extend one chain.
+Every entry is written (reaches the operating system) before the request
+it records is answered; entries of events that change keys are fsync'd
+before that, fetches in groups at least once a second and at shutdown.
+When the log cannot be written the request is refused (``AuditError``).
+"""
+import atexit
+import fcntl
+import hashlib
+import json
+import os
+import threading
+import weakref
+
+from keas.kmi.lifecycle import now_iso
+
+GENESIS = '0' * 64
+FIELDS = ('event', 'name', 'kid', 'client', 'subject', 'outcome')
+# Events that change keys: fsync'd before their request is answered.
+CHANGES = frozenset(['generate', 'rewrap', 'put', 'state', 'destroy', 'copy'])
+
+
+class AuditError(OSError):
+    """The audit log could not be written: the request must be refused."""
+
+
+def canonical(entry):
+    return json.dumps(entry, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
+
+
+def seal_entry(fields, seq, prev, when=None):
+    """The entry for ``fields`` after the entry ``(seq - 1, prev)``, as its line."""
+    entry = {k: fields.get(k) for k in FIELDS}
+    entry.update(seq=seq, time=when or now_iso(), prev=prev)
+    entry['hash'] = hashlib.sha256(canonical(entry).encode()).hexdigest()
+    return entry, canonical(entry)
+
+
+def verify_lines(lines):
+    """Check a chain given as (line number, text) pairs.
+
+    Returns ``(entries, head hash, None)`` or ``(entries checked, head,
+    (line number, seq or None, what is wrong))`` at the first broken entry.
+    """
+    prev, expected_seq, count = GENESIS, None, 0
+    for number, text in lines:
+        try:
+            entry = json.loads(text)
+            if not isinstance(entry, dict):
+                raise ValueError('not an object')
+        except ValueError:
+            return count, prev, (number, None, 'not a JSON entry (damaged or cut off)')
+        seq = entry.get('seq')
+        body = {k: v for k, v in entry.items() if k != 'hash'}
+        if hashlib.sha256(canonical(body).encode()).hexdigest() != entry.get('hash'):
+            return count, prev, (number, seq, 'its hash does not match its contents (edited)')
+        if entry.get('prev') != prev:
+            return count, prev, (number, seq, 'it does not follow the entry before it '
+                                 '(an entry was deleted, inserted or moved)')
+        if expected_seq is not None and seq != expected_seq:
+            return count, prev, (number, seq, 'sequence number %r where %d was due'
+                                 % (seq, expected_seq))
+        prev, expected_seq, count = entry['hash'], seq + 1, count + 1
+    return count, prev, None
+
+
+class FileAuditLog:
+    """An audit log in a file of JSON lines (created 0600)."""
+
+    def __init__(self, path, sync_interval=1.0):
+        self.path = path
+        self.sync_interval = sync_interval
+        self._lock = threading.Lock()
+        self._fd = None
+        self._end = None  # file size after our last append (or read of the head)
+        self._head = (0, GENESIS)
+        self._unsynced = False
+        self._flusher = None
+
+    def _open(self):
+        if self._fd is None:
+            folder = os.path.dirname(os.path.abspath(self.path))
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
+                               0o600)
+            _OPEN_LOGS.add(self)
+        return self._fd
+
+    def _read_head(self, fd, size):
+        """(seq, hash) of the last entry; a partial last line (a crash in the
+        middle of a write, never acknowledged) is cut off first."""
+        if size == 0:
+            return (0, GENESIS), 0
+        tail = os.pread(fd, min(size, 65536), max(0, size - 65536))
+        if not tail.endswith(b'\n'):
+            cut = tail.rfind(b'\n')
+            size = size - len(tail) + cut + 1
+            os.ftruncate(fd, size)
+            tail = tail[:cut + 1]
+            if not tail:
+                return (0, GENESIS), size
+        last = tail[:-1].rsplit(b'\n', 1)[-1]
+        try:
+            entry = json.loads(last)
+            return (int(entry['seq']), entry['hash']), size
+        except (ValueError, KeyError, TypeError):
+            raise AuditError('the audit log %s ends in a damaged entry: run kmi audit verify'
+                             % self.path)
+
+    def append(self, sync=None, **fields):
+        """Write one entry; fsync it now if ``sync`` (default: for key changes)."""
+        if sync is None:
+            sync = fields.get('event') in CHANGES
+        with self._lock:
+            try:
+                fd = self._open()
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as error:
+                raise AuditError('cannot open the audit log %s: %s' % (self.path, error)) from error
+            try:
+                size = os.fstat(fd).st_size
+                if size != self._end:  # another process wrote since
+                    self._head, size = self._read_head(fd, size)
+                seq, prev = self._head
+                entry, line = seal_entry(fields, seq + 1, prev)
+                data = (line + '\n').encode()
+                try:
+                    written = os.write(fd, data)
+                    while written < len(data):
+                        written += os.write(fd, data[written:])
+                    if sync:
+                        os.fsync(fd)
+                except OSError as error:
+                    # Leave no partial entry behind: the chain stays whole.
+                    try:
+                        os.ftruncate(fd, size)
+                    except OSError:
+                        pass
+                    self._end = None
+                    raise AuditError('cannot write the audit log %s: %s'
+                                     % (self.path, error)) from error
+                self._end = size + len(data)
+                self._head = (entry['seq'], entry['hash'])
+                if not sync:
+                    self._unsynced = True
+                    self._start_flusher()
+                return entry
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _start_flusher(self):
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=_flush_loop, args=(weakref.ref(self),),
+                                             name='kmi-audit-fsync', daemon=True)
+            self._flusher.start()
+
+    def flush(self):
+        """fsync what was written and not yet synced."""
+        if self._unsynced and self._fd is not None:
+            self._unsynced = False
+            try:
+                os.fsync(self._fd)
+            except OSError:
+                self._unsynced = True
+                raise
+
+    def lines(self):
+        """(line number, text) of every entry, for verify and tail."""
+        try:
+            f = open(self.path, 'rb')
+        except FileNotFoundError:
+            return
+        with f:
+            for number, raw in enumerate(f, 1):
+                yield number, raw.rstrip(b'\n').decode('utf-8', 'replace')
+
+    def verify(self):
+        return verify_lines(self.lines())
+
+    def tail(self, count):
+        lines = list(self.lines())[-count:] if count else list(self.lines())
+        return [json.loads(text) for _, text in lines if text.strip()]
+
+    def close(self):
+        with self._lock:
+            if self._fd is not None:
+                self.flush()
+                os.close(self._fd)
+                self._fd = None
+                _OPEN_LOGS.discard(self)
+
+
+_OPEN_LOGS = weakref.WeakSet()
+
+
+def _flush_loop(ref):
+    """fsync a log's appended entries at least once a second, for as long
+    as the log is alive."""
+    while True:
+        log = ref()
+        if log is None:
+            return
+        interval = log.sync_interval
+        try:
+            with log._lock:
+                log.flush()
+        except OSError:
+            pass  # reported by the next append, which fails closed
+        del log
+        threading.Event().wait(interval)
+
+
+@atexit.register
+def _flush_all():
+    for log in list(_OPEN_LOGS):
+        try:
+            with log._lock:
+                log.flush()
+        except OSError:
+            pass
