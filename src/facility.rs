@@ -26,11 +26,16 @@ pub struct DekPolicy<'a> {
     pub dek_length: usize,
 }
 
-/// A new key: the KEK for the client, the wrapped DEK for the store.
+/// A new key: the KEK for the client, the wrapped DEK for the store, and
+/// what the key's metadata records of it.
 pub struct Generated {
     pub name: String,
     pub pem: Vec<u8>,
     pub wrapped: Vec<u8>,
+    /// The v2 kid of the DEK.
+    pub kid: [u8; 16],
+    /// SHA-256 of the KEK's public key (SubjectPublicKeyInfo DER).
+    pub fingerprint: [u8; 32],
 }
 
 /// A cached, unwrapped DEK and the cipher derived from it.
@@ -40,6 +45,52 @@ pub struct CachedDek {
     pub dek: Zeroizing<Vec<u8>>,
     cipher: Option<(Vec<u8>, Arc<DataCipher>)>,
     v2: Option<Arc<V2Key>>,
+    /// The key's state (from its metadata) and when it was last read.
+    state: KeyState,
+    state_read: f64,
+}
+
+/// A key's state (NIST SP 800-57), as far as serving its DEK goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Deactivated,
+    Suspended,
+    Compromised,
+    Destroyed,
+}
+
+impl KeyState {
+    pub fn parse(text: &str) -> KmiResult<KeyState> {
+        Ok(match text {
+            "active" => KeyState::Active,
+            "deactivated" => KeyState::Deactivated,
+            "suspended" => KeyState::Suspended,
+            "compromised" => KeyState::Compromised,
+            "destroyed" => KeyState::Destroyed,
+            other => return Err(KmiError::BadData(format!("unknown key state {other:?}"))),
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            KeyState::Active => "active",
+            KeyState::Deactivated => "deactivated",
+            KeyState::Suspended => "suspended",
+            KeyState::Compromised => "compromised",
+            KeyState::Destroyed => "destroyed",
+        }
+    }
+
+    /// Whether the DEK may be used: to decrypt in active and deactivated
+    /// keys, to encrypt in active ones only.
+    pub fn allows(self, encrypting: bool) -> bool {
+        match self {
+            KeyState::Active => true,
+            KeyState::Deactivated => !encrypting,
+            _ => false,
+        }
+    }
 }
 
 /// Cached DEKs by the exact KEK bytes (foldhash: the KEK is ~1.7 KB and hashed on every call).
@@ -60,6 +111,32 @@ pub fn now() -> f64 {
 /// The storage name of a KEK: the md5 hex digest of its exact bytes.
 pub fn kek_name(kek: &[u8]) -> String {
     hex::encode(Md5::digest(kek))
+}
+
+fn wrap_new(kek: &Kek, pem: Vec<u8>, dek: &[u8]) -> KmiResult<Generated> {
+    Ok(Generated {
+        name: kek_name(&pem),
+        wrapped: kek.wrap_dek(dek)?,
+        kid: *V2Key::new(dek).kid(),
+        fingerprint: kek.public_fingerprint()?,
+        pem,
+    })
+}
+
+/// Unwrap a stored DEK with its KEK, checking the padding and the length:
+/// what a client in wrapped mode does locally.
+pub fn unwrap_with(
+    kek: &[u8],
+    name: &str,
+    wrapped: &[u8],
+    policy: &DekPolicy,
+) -> KmiResult<Zeroizing<Vec<u8>>> {
+    let key = Kek::from_pem(kek, policy.passphrase)?;
+    let lengths = [key.bits() / 16, policy.dek_length];
+    key.unwrap_dek(wrapped, &lengths).map_err(|e| match e {
+        KmiError::BadData(m) => KmiError::BadData(format!("key {name}: {m}")),
+        other => other,
+    })
 }
 
 impl Facility {
@@ -90,12 +167,30 @@ impl Facility {
         let pem = kek.to_legacy_pem(passphrase)?;
         let mut dek = Zeroizing::new(vec![0u8; dek_length]);
         getrandom::fill(&mut dek).map_err(|e| KmiError::Io(std::io::Error::other(e)))?;
-        let wrapped = kek.wrap_dek(&dek)?;
-        Ok(Generated {
-            name: kek_name(&pem),
-            pem,
-            wrapped,
-        })
+        wrap_new(&kek, pem, &dek)
+    }
+
+    /// Wrap the DEK that `old_kek` unwraps under a new KEK (same modulus size
+    /// and exponent as the old one unless given): the same DEK, and so the
+    /// same kid, under a new name.
+    pub fn rewrap(
+        &self,
+        old_kek: &[u8],
+        name: &str,
+        wrapped: &[u8],
+        policy: &DekPolicy,
+        exponent: u64,
+    ) -> KmiResult<Generated> {
+        let old = Kek::from_pem(old_kek, policy.passphrase)?;
+        let dek = old
+            .unwrap_dek(wrapped, &[old.bits() / 16, policy.dek_length])
+            .map_err(|e| match e {
+                KmiError::BadData(m) => KmiError::BadData(format!("key {name}: {m}")),
+                other => other,
+            })?;
+        let kek = Kek::generate(old.bits(), exponent)?;
+        let pem = kek.to_legacy_pem(policy.passphrase)?;
+        wrap_new(&kek, pem, &dek)
     }
 
     fn lookup(&self, kek: &[u8], timeout: f64) -> Option<MutexGuard<'_, DekMap>> {
@@ -111,22 +206,46 @@ impl Facility {
         self.lookup(kek, timeout).map(|deks| deks[kek].dek.clone())
     }
 
-    /// Unwrap `wrapped`, the stored DEK named `name`, with `kek`, and cache it.
+    /// Unwrap `wrapped`, the stored DEK named `name`, with `kek`, and cache
+    /// it with the key's `state` as just read.
     pub fn unwrap(
         &self,
         kek: &[u8],
         name: &str,
         wrapped: &[u8],
         policy: &DekPolicy,
+        state: KeyState,
     ) -> KmiResult<Zeroizing<Vec<u8>>> {
-        let key = Kek::from_pem(kek, policy.passphrase)?;
-        let lengths = [key.bits() / 16, policy.dek_length];
-        let dek = key.unwrap_dek(wrapped, &lengths).map_err(|e| match e {
-            KmiError::BadData(m) => KmiError::BadData(format!("key {name}: {m}")),
-            other => other,
-        })?;
-        self.remember(kek, name.to_owned(), now(), dek.clone(), policy.timeout);
+        let dek = unwrap_with(kek, name, wrapped, policy)?;
+        self.remember(
+            kek,
+            name.to_owned(),
+            now(),
+            dek.clone(),
+            policy.timeout,
+            state,
+        );
         Ok(dek)
+    }
+
+    /// The cached key state of `kek` if it was read less than `max_age`
+    /// seconds ago; else its name, to read it again (`Err`). `None`: not cached.
+    pub fn cached_state(&self, kek: &[u8], max_age: f64) -> Option<Result<KeyState, String>> {
+        let deks = self.deks();
+        let entry = deks.get(kek)?;
+        Some(if entry.state_read + max_age > now() {
+            Ok(entry.state)
+        } else {
+            Err(entry.name.clone())
+        })
+    }
+
+    /// Record the state just read for `kek`'s key.
+    pub fn set_state(&self, kek: &[u8], state: KeyState) {
+        if let Some(entry) = self.deks().get_mut(kek) {
+            entry.state = state;
+            entry.state_read = now();
+        }
     }
 
     fn remember(
@@ -136,6 +255,7 @@ impl Facility {
         fetched: f64,
         dek: Zeroizing<Vec<u8>>,
         timeout: f64,
+        state: KeyState,
     ) {
         let mut deks = self.deks();
         if deks.len() >= self.max_cached && !deks.contains_key(kek) {
@@ -149,6 +269,8 @@ impl Facility {
                 dek,
                 cipher: None,
                 v2: None,
+                state,
+                state_read: fetched,
             },
         );
     }
@@ -256,7 +378,7 @@ mod tests {
         assert_eq!(new.wrapped.len(), 128);
         assert!(f.cached_dek(&new.pem, POLICY.timeout).is_none());
         let dek = f
-            .unwrap(&new.pem, &new.name, &new.wrapped, &POLICY)
+            .unwrap(&new.pem, &new.name, &new.wrapped, &POLICY, KeyState::Active)
             .unwrap();
         assert_eq!(dek.len(), 64);
         assert_eq!(f.cached_dek(&new.pem, POLICY.timeout), Some(dek));
@@ -278,13 +400,71 @@ mod tests {
     fn a_damaged_wrapped_dek_names_the_key() {
         let f = Facility::new(8);
         let err = f
-            .unwrap(TESTING_KEK, "abc", &[0u8; 64], &POLICY)
+            .unwrap(TESTING_KEK, "abc", &[0u8; 64], &POLICY, KeyState::Active)
             .expect_err("refused");
         assert!(
             matches!(&err, KmiError::BadData(m) if m.starts_with("key abc: ")),
             "{err:?}"
         );
         assert!(f.cached_dek(TESTING_KEK, 60.0).is_none());
+    }
+
+    #[test]
+    fn the_state_is_cached_and_read_again_when_old() {
+        let f = Facility::new(8);
+        let new = f.generate(1024, 65537, POLICY.passphrase, 64).unwrap();
+        assert_eq!(
+            new.kid,
+            *V2Key::new(
+                &f.unwrap(
+                    &new.pem,
+                    &new.name,
+                    &new.wrapped,
+                    &POLICY,
+                    KeyState::Deactivated
+                )
+                .unwrap()
+            )
+            .kid()
+        );
+        assert_eq!(
+            f.cached_state(&new.pem, 60.0),
+            Some(Ok(KeyState::Deactivated))
+        );
+        assert_eq!(f.cached_state(&new.pem, 0.0), Some(Err(new.name.clone())));
+        f.set_state(&new.pem, KeyState::Suspended);
+        assert_eq!(
+            f.cached_state(&new.pem, 60.0),
+            Some(Ok(KeyState::Suspended))
+        );
+        assert_eq!(f.cached_state(b"other", 60.0), None);
+        assert!(KeyState::Deactivated.allows(false) && !KeyState::Deactivated.allows(true));
+        assert!(!KeyState::Suspended.allows(false) && KeyState::Active.allows(true));
+        for s in [
+            "active",
+            "deactivated",
+            "suspended",
+            "compromised",
+            "destroyed",
+        ] {
+            assert_eq!(KeyState::parse(s).unwrap().as_str(), s);
+        }
+        assert!(KeyState::parse("gone").is_err());
+    }
+
+    #[test]
+    fn rewrap_keeps_the_dek_under_a_new_kek() {
+        let f = Facility::new(8);
+        let old = f.generate(1024, 65537, POLICY.passphrase, 64).unwrap();
+        let new = f
+            .rewrap(&old.pem, &old.name, &old.wrapped, &POLICY, 65537)
+            .unwrap();
+        assert_ne!(new.name, old.name);
+        assert_eq!(new.kid, old.kid);
+        assert_ne!(new.fingerprint, old.fingerprint);
+        let a = unwrap_with(&old.pem, &old.name, &old.wrapped, &POLICY).unwrap();
+        let b = unwrap_with(&new.pem, &new.name, &new.wrapped, &POLICY).unwrap();
+        assert_eq!(a, b);
     }
 
     #[test]
@@ -297,20 +477,37 @@ mod tests {
                 i as f64 + now(),
                 Zeroizing::new(vec![i]),
                 3600.0,
+                KeyState::Active,
             );
             assert!(f.deks().len() <= 4);
         }
         assert!(f.deks().contains_key(&[19u8][..]));
         // Expired entries go first: a short timeout frees everything older.
         let g = Facility::new(2);
-        g.remember(b"a", "a".into(), now(), Zeroizing::new(vec![0]), 3600.0);
-        g.remember(b"b", "b".into(), now(), Zeroizing::new(vec![0]), 3600.0);
+        let active = KeyState::Active;
+        g.remember(
+            b"a",
+            "a".into(),
+            now(),
+            Zeroizing::new(vec![0]),
+            3600.0,
+            active,
+        );
+        g.remember(
+            b"b",
+            "b".into(),
+            now(),
+            Zeroizing::new(vec![0]),
+            3600.0,
+            active,
+        );
         g.remember(
             b"c",
             "c".into(),
             now() + 100.0,
             Zeroizing::new(vec![0]),
             1.0,
+            active,
         );
         assert_eq!(g.cached_deks().len(), 1);
         assert_eq!(f.forget(Some("n19")), 1);

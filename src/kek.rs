@@ -25,6 +25,11 @@ F4a4UlXVivb82J7ew3ZABnFIC9Q+dHW7WeZhxg==
 -----END RSA PRIVATE KEY-----
 ";
 
+/// SHA-256 of the testing KEK's SubjectPublicKeyInfo DER (from the openssl command).
+#[cfg(test)]
+const TESTING_KEK_FINGERPRINT: &str =
+    "22b1de414551fb1d6e48e0de1b5b2a05cd139a685b28c409fbf767f32d681b51";
+
 /// Moduli above this are refused before any arithmetic, so an absurd KEK fails fast.
 pub const MAX_MODULUS_BITS: usize = 16384;
 
@@ -84,6 +89,19 @@ impl Kek {
     /// The modulus length in bits.
     pub fn bits(&self) -> usize {
         self.key.n().bit_width_vartime() as usize
+    }
+
+    /// SHA-256 of the public key's SubjectPublicKeyInfo DER: names the KEK
+    /// in key metadata without revealing it.
+    pub fn public_fingerprint(&self) -> KmiResult<[u8; 32]> {
+        use rsa::pkcs8::EncodePublicKey;
+        use sha2::Digest;
+        let der = self
+            .key
+            .as_public_key()
+            .to_public_key_der()
+            .map_err(|e| KmiError::BadArgument(format!("cannot encode the public key: {e}")))?;
+        Ok(sha2::Sha256::digest(der.as_bytes()).into())
     }
 
     /// PKCS#1 DER of the private key, legacy-PEM-armoured under `passphrase`.
@@ -215,6 +233,16 @@ pub(crate) mod tests {
         );
         let err = Kek::from_pem(pem.as_bytes(), b"x").err().expect("refused");
         assert!(matches!(err, KmiError::BadKey(_)), "{err:?}");
+    }
+
+    #[test]
+    fn the_fingerprint_is_sha256_of_the_spki_der() {
+        // openssl rsa -in testing.pem -pubout -outform DER | sha256sum
+        let kek = Kek::from_pem(TESTING_KEK, b"").unwrap();
+        assert_eq!(
+            hex::encode(kek.public_fingerprint().unwrap()),
+            TESTING_KEK_FINGERPRINT
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::cipher::{derive_cipher_key, DataCipher, FILE_HEADER};
 use crate::errors::KmiError;
-use crate::facility::{self, DekPolicy};
+use crate::facility::{self, DekPolicy, KeyState};
 use crate::files::{decrypt_file_at, encrypt_file_at, open_file_at, seal_file_at, Moved};
 use crate::v2::{self, V2Key};
 
@@ -199,6 +199,29 @@ fn decrypt<'py>(
     data: &Bound<'py, PyAny>,
 ) -> PyResult<Bound<'py, PyBytes>> {
     decrypt_bytes(py, &cipher_from_key(key)?, iv, &bytes_like(data, "data")?)
+}
+
+/// Unwrap a stored DEK with its KEK, locally (a client in wrapped mode):
+/// the padding and length are checked, so a damaged one is a ValueError,
+/// never a wrong DEK.
+#[pyfunction]
+fn unwrap_dek<'py>(
+    py: Python<'py>,
+    kek: &Bound<'py, PyAny>,
+    wrapped: &Bound<'py, PyAny>,
+    passphrase: &[u8],
+    dek_length: usize,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let kek = bytes_like(kek, "key")?;
+    let wrapped = bytes_like(wrapped, "wrapped DEK")?;
+    let name = facility::kek_name(&kek);
+    let policy = DekPolicy {
+        timeout: 0.0,
+        passphrase,
+        dek_length,
+    };
+    let dek = py.detach(|| facility::unwrap_with(&kek, &name, &wrapped, &policy))?;
+    Ok(PyBytes::new(py, &dek))
 }
 
 /// The md5 hex digest naming a KEK's `.dek` file.
@@ -551,6 +574,37 @@ fn optional_bytes<'a>(obj: Option<&'a Bound<'_, PyAny>>, what: &str) -> PyResult
 #[pyclass(frozen, module = "keas.kmi._kmi")]
 struct Facility {
     inner: facility::Facility,
+    /// Seconds a cached key state stays trusted before it is read again.
+    state_refresh: f64,
+}
+
+/// The owner's exception for a use its key's state refuses.
+fn refusal(owner: &Bound<'_, PyAny>, name: &str, state: KeyState, encrypting: bool) -> PyErr {
+    match owner.call_method1(
+        intern!(owner.py(), "_refuse"),
+        (name, state.as_str(), encrypting),
+    ) {
+        Ok(error) => PyErr::from_value(error),
+        Err(error) => error,
+    }
+}
+
+type NewKey<'py> = (
+    String,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+    Bound<'py, PyBytes>,
+);
+
+fn new_key(py: Python<'_>, new: facility::Generated) -> NewKey<'_> {
+    (
+        new.name,
+        PyBytes::new(py, &new.pem),
+        PyBytes::new(py, &new.wrapped),
+        PyBytes::new(py, &new.kid),
+        PyBytes::new(py, &new.fingerprint),
+    )
 }
 
 fn owner_timeout(owner: &Bound<'_, PyAny>) -> PyResult<f64> {
@@ -576,20 +630,28 @@ fn owner_passphrase(owner: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
 
 impl Facility {
     /// The DEK for `kek`: cached, or fetched by name through the owner and
-    /// unwrapped (GIL released).
+    /// unwrapped (GIL released); refused unless the key's state allows it
+    /// (to encrypt, with `encrypting`).
     fn dek_or_fetch(
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
         kek: &[u8],
         timeout: f64,
+        encrypting: bool,
     ) -> PyResult<Zeroizing<Vec<u8>>> {
         if let Some(dek) = self.inner.cached_dek(kek, timeout) {
+            self.check_state(py, owner, kek, encrypting)?;
             return Ok(dek);
         }
         // The stored DEK comes first: an unknown KEK is a KeyError without parsing it.
         let name = facility::kek_name(kek);
-        let wrapped = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
+        let fetched = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
+        let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
+        let state = KeyState::parse(&state)?;
+        if !state.allows(encrypting) {
+            return Err(refusal(owner, &name, state, encrypting));
+        }
         let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
         let passphrase = owner_passphrase(owner)?;
         let policy = DekPolicy {
@@ -597,7 +659,34 @@ impl Facility {
             passphrase: &passphrase,
             dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
         };
-        Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy))?)
+        Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy, state))?)
+    }
+
+    /// Refuse a cached DEK whose key's state does not allow the use; the
+    /// state is read again from the owner's store every `state_refresh` seconds.
+    fn check_state(
+        &self,
+        py: Python<'_>,
+        owner: &Bound<'_, PyAny>,
+        kek: &[u8],
+        encrypting: bool,
+    ) -> PyResult<KeyState> {
+        let state = match self.inner.cached_state(kek, self.state_refresh) {
+            Some(Ok(state)) => state,
+            Some(Err(name)) => {
+                let text: String = owner
+                    .call_method1(intern!(py, "_key_state"), (&name,))?
+                    .extract()?;
+                let state = KeyState::parse(&text)?;
+                self.inner.set_state(kek, state);
+                state
+            }
+            None => return Ok(KeyState::Active), // evicted meanwhile: just unwrapped
+        };
+        if !state.allows(encrypting) {
+            return Err(refusal(owner, &facility::kek_name(kek), state, encrypting));
+        }
+        Ok(state)
     }
 
     fn v2_key(
@@ -605,12 +694,14 @@ impl Facility {
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
         kek: &[u8],
+        encrypting: bool,
     ) -> PyResult<std::sync::Arc<V2Key>> {
         let timeout = owner_timeout(owner)?;
         if let Some(key) = self.inner.cached_v2(kek, timeout) {
+            self.check_state(py, owner, kek, encrypting)?;
             return Ok(key);
         }
-        let dek = self.dek_or_fetch(py, owner, kek, timeout)?;
+        let dek = self.dek_or_fetch(py, owner, kek, timeout, encrypting)?;
         // Cached now, unless the timeout is zero: then derive it for this call.
         Ok(self
             .inner
@@ -624,6 +715,7 @@ impl Facility {
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
         kek: &[u8],
+        encrypting: bool,
     ) -> PyResult<(std::sync::Arc<DataCipher>, Vec<u8>)> {
         let timeout = owner_timeout(owner)?;
         let salt = owner.getattr(intern!(py, "_bytesToKeySalt"))?;
@@ -631,9 +723,10 @@ impl Facility {
         let iv = owner.getattr(intern!(py, "initializationVector"))?;
         let iv = bytes_like(&iv, "initializationVector")?.into_owned();
         if let Some(cipher) = self.inner.cached_cipher(kek, timeout, &salt)? {
+            self.check_state(py, owner, kek, encrypting)?;
             return Ok((cipher, iv));
         }
-        let dek = self.dek_or_fetch(py, owner, kek, timeout)?;
+        let dek = self.dek_or_fetch(py, owner, kek, timeout, encrypting)?;
         Ok((self.inner.remember_cipher(kek, &dek, &salt)?, iv))
     }
 }
@@ -641,14 +734,16 @@ impl Facility {
 #[pymethods]
 impl Facility {
     #[new]
-    #[pyo3(signature = (max_cached_deks = 10_000))]
-    fn new(max_cached_deks: usize) -> Self {
+    #[pyo3(signature = (max_cached_deks = 10_000, state_refresh = 1.0))]
+    fn new(max_cached_deks: usize, state_refresh: f64) -> Self {
         Facility {
             inner: facility::Facility::new(max_cached_deks),
+            state_refresh,
         }
     }
 
-    /// Generate a KEK and wrap a new DEK; returns (name, KEK PEM, wrapped DEK).
+    /// Generate a KEK and wrap a new DEK: (name, KEK PEM, wrapped DEK, kid,
+    /// SHA-256 of the KEK's public key).
     fn generate<'py>(
         &self,
         py: Python<'py>,
@@ -656,13 +751,40 @@ impl Facility {
         exponent: u64,
         passphrase: &[u8],
         dek_length: usize,
-    ) -> PyResult<(String, Bound<'py, PyBytes>, Bound<'py, PyBytes>)> {
+    ) -> PyResult<NewKey<'py>> {
         let new = py.detach(|| self.inner.generate(bits, exponent, passphrase, dek_length))?;
-        Ok((
-            new.name,
-            PyBytes::new(py, &new.pem),
-            PyBytes::new(py, &new.wrapped),
-        ))
+        Ok(new_key(py, new))
+    }
+
+    /// The DEK of `old_kek` wrapped under a new KEK of the same size: as
+    /// `generate`. The old key's state must allow serving its DEK.
+    fn rewrap<'py>(
+        &self,
+        py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
+        old_kek: &Bound<'py, PyAny>,
+    ) -> PyResult<NewKey<'py>> {
+        let old_kek = bytes_like(old_kek, "key")?;
+        let name = facility::kek_name(&old_kek);
+        let fetched = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
+        let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
+        let state = KeyState::parse(&state)?;
+        if !state.allows(false) {
+            return Err(refusal(owner, &name, state, false));
+        }
+        let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
+        let passphrase = owner_passphrase(owner)?;
+        let policy = DekPolicy {
+            timeout: 0.0,
+            passphrase: &passphrase,
+            dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
+        };
+        let exponent: u64 = owner.getattr(intern!(py, "rsaKeyExponent"))?.extract()?;
+        let new = py.detach(|| {
+            self.inner
+                .rewrap(&old_kek, &name, &wrapped, &policy, exponent)
+        })?;
+        Ok(new_key(py, new))
     }
 
     /// The DEK for a KEK, cached for the owner's `timeout` seconds.
@@ -673,8 +795,22 @@ impl Facility {
         kek: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let timeout = owner_timeout(owner)?;
-        let dek = self.dek_or_fetch(py, owner, &bytes_like(kek, "key")?, timeout)?;
+        let dek = self.dek_or_fetch(py, owner, &bytes_like(kek, "key")?, timeout, false)?;
         Ok(PyBytes::new(py, &dek))
+    }
+
+    /// `dek`, and the state of its key (what the server tells clients).
+    fn dek_and_state<'py>(
+        &self,
+        py: Python<'py>,
+        owner: &Bound<'py, PyAny>,
+        kek: &Bound<'py, PyAny>,
+    ) -> PyResult<(Bound<'py, PyBytes>, &'static str)> {
+        let kek = bytes_like(kek, "key")?;
+        let timeout = owner_timeout(owner)?;
+        let dek = self.dek_or_fetch(py, owner, &kek, timeout, false)?;
+        let state = self.check_state(py, owner, &kek, false)?;
+        Ok((PyBytes::new(py, &dek), state.as_str()))
     }
 
     /// `encrypt` in the owner's `dataFormat`: 1, legacy AES-256-CBC
@@ -692,7 +828,7 @@ impl Facility {
         let format = owner.getattr(intern!(py, "dataFormat"))?;
         match format.extract::<i64>() {
             Ok(2) => {
-                let key = self.v2_key(py, owner, &kek)?;
+                let key = self.v2_key(py, owner, &kek, true)?;
                 let data = bytes_like(data, "data")?;
                 return seal_bytes(py, &key, &v2::fresh_salt()?, &data, associated_data);
             }
@@ -706,7 +842,7 @@ impl Facility {
             }
         }
         refuse_legacy_with(associated_data)?;
-        let (cipher, iv) = self.cipher(py, owner, &kek)?;
+        let (cipher, iv) = self.cipher(py, owner, &kek, true)?;
         encrypt_bytes(py, &cipher, &iv, &bytes_like(data, "data")?)
     }
 
@@ -724,7 +860,7 @@ impl Facility {
         let kek = bytes_like(kek, "key")?;
         let data = bytes_like(data, "data")?;
         if v2::is_v2(&data) {
-            let key = self.v2_key(py, owner, &kek)?;
+            let key = self.v2_key(py, owner, &kek, false)?;
             return open_bytes(py, &key, &data, associated_data);
         }
         refuse_legacy_with(associated_data)?;
@@ -734,18 +870,20 @@ impl Facility {
             )
             .into());
         }
-        let (cipher, iv) = self.cipher(py, owner, &kek)?;
+        let (cipher, iv) = self.cipher(py, owner, &kek, false)?;
         decrypt_bytes(py, &cipher, &iv, &data)
     }
 
-    /// The v2 keys of the DEK for a KEK.
+    /// The v2 keys of the DEK for a KEK (to encrypt, with `encrypting`).
+    #[pyo3(signature = (owner, kek, encrypting = false))]
     fn v2key(
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
         kek: &Bound<'_, PyAny>,
+        encrypting: bool,
     ) -> PyResult<PyV2Key> {
-        let inner = self.v2_key(py, owner, &bytes_like(kek, "key")?)?;
+        let inner = self.v2_key(py, owner, &bytes_like(kek, "key")?, encrypting)?;
         Ok(PyV2Key { inner })
     }
 
@@ -851,6 +989,7 @@ fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(encrypt_file, m)?)?;
     m.add_function(wrap_pyfunction!(decrypt_file, m)?)?;
     m.add_function(wrap_pyfunction!(kek_name, m)?)?;
+    m.add_function(wrap_pyfunction!(unwrap_dek, m)?)?;
     m.add_function(wrap_pyfunction!(dump_state, m)?)?;
     m.add_function(wrap_pyfunction!(load_state, m)?)?;
     m.add("TESTING_KEK", PyBytes::new(m.py(), crate::kek::TESTING_KEK))?;

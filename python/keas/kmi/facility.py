@@ -237,10 +237,20 @@ class KeyManagementFacility(EncryptionService):
         self._core = _kmi.Facility(self.maxCachedKeys)
 
     def _fetch(self, name):
-        """The wrapped DEK for a DEK that is not cached (Rust calls this)."""
+        """The wrapped DEK for a DEK that is not cached, and its key's state
+        (Rust calls this)."""
         wrapped = self.store.get(name)
         logger.info('Encryption key requested: %s', name)
-        return wrapped
+        return wrapped, self._key_state(name)
+
+    def _key_state(self, name):
+        """The state of key ``name`` now (Rust asks again every second)."""
+        return 'active'
+
+    def _refuse(self, name, state, encrypting):
+        """The exception for a use of key ``name`` its ``state`` does not allow."""
+        from keas.kmi.lifecycle import KeyStateError
+        return KeyStateError(name, state, 'encrypt' if encrypting else 'be used')
 
     @property
     def __dek_cache(self):
@@ -291,7 +301,7 @@ class KeyManagementFacility(EncryptionService):
 
     def generate(self):
         """See interfaces.IKeyGenerationService"""
-        name, kek, wrapped = self._core.generate(
+        name, kek, wrapped, kid, fingerprint = self._core.generate(
             self.rsaKeyLength, self.rsaKeyExponent,
             _passphrase(self.rsaPassphrase), self.keyLength)
         self.store.add(name, wrapped)
