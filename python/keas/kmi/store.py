@@ -4,11 +4,42 @@ A location names one: a directory path (the embedded default, one
 ``<name>.dek`` file per key) or a PostgreSQL URL (``postgresql://...``,
 for more than one machine; see ``keas.kmi.pgstore``). Both behave the
 same: keys are written once and durably, an unknown name is a ``KeyError``,
-and a name that holds other bytes already is a ``KeyExistsError``.
+a name that holds other bytes already is a ``KeyExistsError``, and a store
+that cannot be reached just now is a ``StoreUnavailable``.
 """
+import errno
+
 from keas.kmi import _kmi
 
 KeyExistsError = _kmi.KeyExistsError
+
+
+class StoreUnavailable(OSError):
+    """The key store cannot be reached just now (the database is down or
+    restarting, a connection or statement timed out, a network file system
+    stopped answering). Nothing was read or written wrongly; the same call
+    may succeed later. The server answers 503."""
+
+
+# OSError numbers that mean "the storage is not there just now" rather than
+# "this key" or "this configuration" (a network file system, a failing disk).
+UNAVAILABLE_ERRNOS = frozenset(
+    getattr(errno, name) for name in (
+        'EIO', 'ESTALE', 'ENOTCONN', 'ETIMEDOUT', 'EHOSTDOWN', 'EHOSTUNREACH',
+        'ECONNREFUSED', 'ECONNRESET', 'ENETDOWN', 'ENETUNREACH')
+    if hasattr(errno, name))
+
+
+def unavailable(error, location):
+    """``error`` as a ``StoreUnavailable`` when its errno says the storage is
+    away; otherwise ``error`` itself."""
+    if isinstance(error, OSError) and not isinstance(error, StoreUnavailable) \
+            and error.errno in UNAVAILABLE_ERRNOS:
+        wrapped = StoreUnavailable(
+            error.errno, 'key storage %s is unavailable: %s' % (location, error.strerror))
+        wrapped.__cause__ = error
+        return wrapped
+    return error
 
 POSTGRES_SCHEMES = ('postgresql://', 'postgres://')
 
@@ -72,10 +103,16 @@ class DirectoryStore(KeyStore):
 
     def __init__(self, location):
         self.location = location
-        self._dir = _kmi.DekStore(location)
+        try:
+            self._dir = _kmi.DekStore(location)
+        except OSError as error:
+            raise unavailable(error, location)
 
     def names(self):
-        return self._dir.names()
+        try:
+            return self._dir.names()
+        except OSError as error:
+            raise unavailable(error, self.location)
 
     def __contains__(self, name):
         return isinstance(name, str) and self._dir.contains(name)
@@ -83,12 +120,21 @@ class DirectoryStore(KeyStore):
     def get(self, name):
         if not isinstance(name, str):
             raise KeyError(name)
-        return self._dir.get(name)
+        try:
+            return self._dir.get(name)
+        except OSError as error:
+            raise unavailable(error, self.location)
 
     def add(self, name, wrapped):
-        self._dir.put(name, wrapped)
+        try:
+            self._dir.put(name, wrapped)
+        except OSError as error:
+            raise unavailable(error, self.location)
 
     def delete(self, name):
         if not isinstance(name, str):
             raise KeyError(name)
-        self._dir.remove(name)
+        try:
+            self._dir.remove(name)
+        except OSError as error:
+            raise unavailable(error, self.location)
