@@ -37,7 +37,8 @@ def make_parser():
 
 
 def _registrations():
-    return []
+    from keas.kmi import storecopy
+    return [storecopy.register]
 
 
 def main(argv=None):

@@ -32,7 +32,7 @@ from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from keas.kmi.store import KeyExistsError, KeyStore, StoreUnavailable
+from keas.kmi.store import KeyExistsError, KeyStore, StoreUnavailable, one_line, redact
 
 # The schema, version by version. Step n (counting from 1) brings the schema
 # from version n - 1 to n; `{schema}` is the schema's quoted name (write any
@@ -71,29 +71,6 @@ LIBPQ_DEFAULTS = {
 
 class SchemaVersionError(ValueError):
     """The database's key schema is newer than this keas.kmi knows."""
-
-
-def redact(url):
-    """``url`` without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return '<unparsable URL>'
-    netloc = parts.netloc
-    if '@' in netloc:
-        userinfo, _, hosts = netloc.rpartition('@')
-        if ':' in userinfo:
-            userinfo = userinfo.split(':', 1)[0] + ':***'
-        netloc = userinfo + '@' + hosts
-    query = [(k, '***' if k == 'password' else v)
-             for k, v in parse_qsl(parts.query, keep_blank_values=True)]
-    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ''))
-
-
-def one_line(error):
-    """An exception's message on one line (libpq's span several)."""
-    text = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
-    return text or error.__class__.__name__
 
 
 def _positive(name, value, kind):

@@ -8,6 +8,7 @@ a name that holds other bytes already is a ``KeyExistsError``, and a store
 that cannot be reached just now is a ``StoreUnavailable``.
 """
 import errno
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from keas.kmi import _kmi
 
@@ -51,9 +52,37 @@ def is_database_url(location):
 def open_store(location, **options):
     """The key store at ``location``: a directory path or a PostgreSQL URL."""
     if is_database_url(location):
-        from keas.kmi.pgstore import PostgresStore
+        try:
+            from keas.kmi.pgstore import PostgresStore
+        except ImportError as error:
+            raise ImportError('keas.kmi: a PostgreSQL key store needs psycopg 3 and '
+                              "psycopg_pool (pip install 'keas.kmi[postgres]'): %s"
+                              % error) from None
         return PostgresStore(location, **options)
     return DirectoryStore(location, **options)
+
+
+def redact(url):
+    """``url`` without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return '<unparsable URL>'
+    netloc = parts.netloc
+    if '@' in netloc:
+        userinfo, _, hosts = netloc.rpartition('@')
+        if ':' in userinfo:
+            userinfo = userinfo.split(':', 1)[0] + ':***'
+        netloc = userinfo + '@' + hosts
+    query = [(k, '***' if k == 'password' else v)
+             for k, v in parse_qsl(parts.query, keep_blank_values=True)]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query, safe='*'), ''))
+
+
+def one_line(error):
+    """An exception's message on one line (libpq's span several)."""
+    text = ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
+    return text or error.__class__.__name__
 
 
 class KeyStore:
