@@ -138,10 +138,19 @@ class Cluster:
                     "ssl_key_file = 'server.key'\n"
                     "log_min_messages = warning\n"
                     "log_line_prefix = '%%m [%%p] '\n" % (self.port, self.socket_dir))
-        with open(os.path.join(self.data, 'pg_hba.conf'), 'w') as f:
-            f.write('local all all trust\n'
-                    'host all all 127.0.0.1/32 trust\n')
+        self._write_hba('')
         self.start()
+
+    def _write_hba(self, first):
+        with open(os.path.join(self.data, 'pg_hba.conf'), 'w') as f:
+            f.write(first + 'local all all trust\n'
+                    'host all all 127.0.0.1/32 trust\n')
+
+    def set_hba(self, first):
+        """Put ``first`` (pg_hba.conf lines) before the trust rules; reload."""
+        self._write_hba(first)
+        self.execute('SELECT pg_reload_conf()')
+        time.sleep(1)  # the postmaster reloads on SIGHUP, asynchronously
 
     def _server(self, command):
         """Run a server program (as the postgres user when we are root)."""

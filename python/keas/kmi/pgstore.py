@@ -24,7 +24,8 @@ import errno
 import hashlib
 import os
 import threading
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+import time
+from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -113,7 +114,11 @@ class Settings:
         self.pool_timeout = _positive('pool_timeout', values['pool_timeout'], float)
         self.statement_timeout = _positive(
             'statement_timeout', values['statement_timeout'], float)
-        libpq_url = urlunsplit(parts._replace(query=urlencode(libpq_query)))
+        # The URL as given, less our settings (urlunsplit would turn
+        # postgresql:///db, libpq's "local socket", into postgresql:/db).
+        libpq_url = url.split('?', 1)[0]
+        if libpq_query:
+            libpq_url += '?' + urlencode(libpq_query)
         try:
             given = conninfo_to_dict(libpq_url)
         except psycopg.ProgrammingError as error:
@@ -239,7 +244,18 @@ def _broken(error):
 
 
 class _Database:
-    """One pool over one database and schema, shared by the stores of a process."""
+    """One pool over one database and schema, shared by the stores of a process.
+
+    Recovery: a connection found broken (the database restarted, failed
+    over, or a network path died) marks the pool suspect. While suspect,
+    requests do not wait on the pool: a direct connection attempt (at most
+    one every ``PROBE_INTERVAL`` seconds; the others fail at once) tells
+    whether the database is back. Until it is, every call is a
+    ``StoreUnavailable``; once it is, a fresh pool replaces the old one
+    (whose connections all died together) and service resumes.
+    """
+
+    PROBE_INTERVAL = 0.5
 
     _registry = {}
     _registry_lock = threading.Lock()
@@ -259,17 +275,16 @@ class _Database:
         self.settings = settings
         self.location = settings.location
         self.users = 0
-        timeout_ms = max(1, round(settings.statement_timeout * 1000))
-        configure = _configure(timeout_ms)
+        self._configure = _configure(max(1, round(settings.statement_timeout * 1000)))
+        self._recover_lock = threading.Lock()
+        self._suspect = False
+        self._probed_at = 0.0
+        self._down_reason = ''
         # One direct connection first: libpq's own words when the database
         # cannot be reached, and the schema brought up to date.
+        conn = self._connect()
         try:
-            conn = psycopg.connect(settings.conninfo, autocommit=True)
-        except psycopg.Error as error:
-            raise StoreUnavailable('cannot reach the key database %s: %s'
-                                   % (self.location, one_line(error))) from None
-        try:
-            configure(conn)
+            self._configure(conn)
             migrate(conn, settings.schema, self.location)
             self.statements = {k: v.as_string(conn)
                                for k, v in _statements(settings.schema).items()}
@@ -280,12 +295,57 @@ class _Database:
             raise
         finally:
             conn.close()
-        self.pool = ConnectionPool(
-            settings.conninfo, min_size=settings.pool_min_size,
-            max_size=settings.pool_max_size, timeout=settings.pool_timeout,
-            kwargs={'autocommit': True}, configure=configure, open=False,
+        self.pool = self._new_pool()
+
+    def _connect(self):
+        try:
+            return psycopg.connect(self.settings.conninfo, autocommit=True)
+        except psycopg.Error as error:
+            raise StoreUnavailable('cannot connect to the key database %s: %s'
+                                   % (self.location, one_line(error))) from None
+
+    def _new_pool(self):
+        s = self.settings
+        pool = ConnectionPool(
+            s.conninfo, min_size=s.pool_min_size, max_size=s.pool_max_size,
+            timeout=s.pool_timeout, kwargs={'autocommit': True},
+            configure=self._configure, open=False,
+            # Bounds the pool's own reconnection backoff; see the class docstring.
+            reconnect_timeout=max(10.0, 2 * s.pool_timeout),
             name='keas.kmi %s' % self.location)
-        self.pool.open(wait=False)
+        pool.open(wait=False)
+        return pool
+
+    def _pool(self):
+        """The pool to use; when suspect, only once the database answers again."""
+        if not self._suspect:
+            return self.pool
+        with self._recover_lock:
+            if not self._suspect:
+                return self.pool
+            now = time.monotonic()
+            if now - self._probed_at < self.PROBE_INTERVAL:
+                raise StoreUnavailable(self._down_reason)
+            self._probed_at = now
+            try:
+                self._connect().close()
+            except StoreUnavailable as error:
+                self._down_reason = str(error)
+                raise
+            old, self.pool = self.pool, self._new_pool()
+            self._suspect = False
+        # Closing waits for the old pool's threads: not on this request's time.
+        threading.Thread(target=old.close, name='keas.kmi old pool', daemon=True).start()
+        return self.pool
+
+    def _lost(self, pool, error):
+        """``pool`` (if still ours) lost its connection to the database."""
+        with self._recover_lock:
+            if pool is self.pool and not self._suspect:
+                self._suspect = True
+                self._probed_at = 0.0
+                self._down_reason = 'the key database %s failed: %s' % (
+                    self.location, one_line(error))
 
     def release(self):
         with self._registry_lock:
@@ -297,29 +357,41 @@ class _Database:
         self.pool.close()
 
     def run(self, work):
-        """``work(connection)``, on a pooled connection. A connection found
-        broken (the database restarted) is retried once on a fresh one; what
-        still fails is a ``StoreUnavailable``. ``work`` must be safe to repeat."""
+        """``work(connection, statements)`` on a pooled connection. When the
+        connection turns out broken, it is tried once more, after recovery;
+        what still fails is a ``StoreUnavailable``. ``work`` must be safe to
+        repeat."""
         for attempt in (1, 2):
+            pool = self._pool()
             try:
-                with self.pool.connection() as conn:
+                with pool.connection() as conn:
                     return work(conn, self.statements)
             except PoolTimeout as error:
-                raise StoreUnavailable('no connection to the key database %s within '
-                                       '%gs: %s' % (self.location, self.settings.pool_timeout,
-                                                    one_line(error))) from None
+                # Every connection busy, or none could be made: which one?
+                try:
+                    self._connect().close()
+                except StoreUnavailable as down:
+                    self._lost(pool, error)
+                    raise down from None
+                raise StoreUnavailable('no free connection to the key database %s within '
+                                       '%gs (pool_max_size %d)'
+                                       % (self.location, self.settings.pool_timeout,
+                                          self.settings.pool_max_size)) from None
             except pg_errors.InsufficientPrivilege as error:
                 raise PermissionError(errno.EACCES, 'key database %s: %s'
                                       % (self.location, one_line(error))) from None
             except pg_errors.ReadOnlySqlTransaction as error:
-                # A standby took the connection (during a failover).
+                # A standby answered (a failover is under way): reconnect.
+                self._lost(pool, error)
+                if attempt == 1:
+                    continue
                 raise StoreUnavailable('the key database %s is read-only: %s'
                                        % (self.location, one_line(error))) from None
             except (psycopg.OperationalError, psycopg.InterfaceError) as error:
-                if attempt == 1 and _broken(error):
-                    # The other idle connections likely died with this one.
-                    self.pool.check()
-                    continue
+                if _broken(error):
+                    self._lost(pool, error)
+                    if attempt == 1:
+                        continue
                 raise StoreUnavailable('the key database %s failed: %s'
                                        % (self.location, one_line(error))) from None
 

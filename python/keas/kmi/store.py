@@ -123,6 +123,17 @@ class KeyStore:
         return '<%s %s>' % (self.__class__.__name__, self.location)
 
 
+def _plain_name(name):
+    """A str that can be a file name at all (the Rust store checks the rest)."""
+    if not isinstance(name, str):
+        return False
+    try:
+        name.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class DirectoryStore(KeyStore):
     """A directory of ``<name>.dek`` files (created mode 0700 if missing).
 
@@ -144,10 +155,10 @@ class DirectoryStore(KeyStore):
             raise unavailable(error, self.location)
 
     def __contains__(self, name):
-        return isinstance(name, str) and self._dir.contains(name)
+        return _plain_name(name) and self._dir.contains(name)
 
     def get(self, name):
-        if not isinstance(name, str):
+        if not _plain_name(name):
             raise KeyError(name)
         try:
             return self._dir.get(name)
@@ -155,13 +166,17 @@ class DirectoryStore(KeyStore):
             raise unavailable(error, self.location)
 
     def add(self, name, wrapped):
+        if not _plain_name(name):
+            raise KeyError('invalid key name %r' % (name,))
+        if isinstance(wrapped, (bytearray, memoryview)):
+            wrapped = bytes(wrapped)
         try:
             self._dir.put(name, wrapped)
         except OSError as error:
             raise unavailable(error, self.location)
 
     def delete(self, name):
-        if not isinstance(name, str):
+        if not _plain_name(name):
             raise KeyError(name)
         try:
             self._dir.remove(name)
