@@ -56,4 +56,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    sys.exit(main())
+    # `python -m keas.kmi.cli`: run the imported module's main, so that the
+    # subcommands' CommandError is the class main catches.
+    from keas.kmi.cli import main as _main
+
+    sys.exit(_main())
