@@ -128,6 +128,26 @@ class Settings:
                  if name not in given and not (env and os.environ.get(env))}
         self.conninfo = make_conninfo(libpq_url, **extra)
 
+    _parsed = {}
+
+    @classmethod
+    def of(cls, url, options):
+        """``Settings(url, options)``, remembered: a facility made per
+        request must not parse its URL each time (libpq's parser, twice)."""
+        try:
+            key = (url, tuple(sorted(options.items())),
+                   tuple(os.environ.get(env) for env, _ in LIBPQ_DEFAULTS.values() if env))
+            hash(key)
+        except TypeError:
+            return cls(url, options)
+        settings = cls._parsed.get(key)
+        if settings is None:
+            settings = cls(url, options)
+            if len(cls._parsed) > 64:
+                cls._parsed.clear()
+            cls._parsed[key] = settings
+        return settings
+
     def key(self):
         """What makes two stores share a pool (in one process)."""
         return (os.getpid(), self.conninfo, self.schema, self.pool_min_size,
@@ -428,7 +448,7 @@ class PostgresStore(KeyStore):
     bytea, created timestamptz) of the database at ``url``."""
 
     def __init__(self, url, **options):
-        self._settings = Settings(url, options)
+        self._settings = Settings.of(url, options)
         self.location = self._settings.location
         self.schema = self._settings.schema
         self._db = _Database.acquire(self._settings)
