@@ -345,3 +345,57 @@ def test_unreachable_database_at_start_is_one_line(tmp_path):
     lines = [line for line in log.splitlines() if 'cannot open the key storage' in line]
     assert len(lines) == 1, log
     assert 'cannot connect to the key database postgresql://kmi:***@127.0.0.1' in lines[0]
+
+
+# The application in process: settings and 503 answers --------------------------
+
+
+def call(app, method, path, body=b''):
+    import io
+    environ = {'REQUEST_METHOD': method, 'PATH_INFO': path, 'SERVER_NAME': 'kms',
+               'SERVER_PORT': '80', 'wsgi.url_scheme': 'http', 'REMOTE_ADDR': '127.0.0.1',
+               'wsgi.input': io.BytesIO(body), 'CONTENT_LENGTH': str(len(body)),
+               'CONTENT_TYPE': 'text/plain'}
+    answer = {}
+
+    def start_response(status, headers, exc_info=None):
+        answer['status'], answer['headers'] = status, dict(headers)
+    data = b''.join(app(environ, start_response))
+    return int(answer['status'].split()[0]), answer['headers'], data
+
+
+def test_application_settings_for_a_database(pg_url):
+    from keas.kmi import wsgi
+    app = wsgi.application_factory({}, **{'storage-dir': pg_url, 'pool-max-size': '3',
+                                          'statement-timeout': '2.5', 'pool-timeout': ''})
+    settings = app.facility.store._settings
+    assert (settings.pool_max_size, settings.statement_timeout, settings.pool_timeout) == (
+        3, 2.5, 5.0)
+    assert call(app, 'GET', '/')[2] == b'KMS server holding 0 keys'
+    with pytest.raises(SystemExit) as info:
+        wsgi.application_factory({}, **{'storage-dir': pg_url, 'pool-max-size': 'many'})
+    assert info.value.code == wsgi.EXIT_STORE_FAILED
+
+
+def test_application_answers_503_while_the_database_is_down(pg_cluster, pg_url):
+    from keas.kmi import wsgi
+    app = wsgi.application_factory({}, **{'storage-dir': pg_url})
+    status, _, kek = call(app, 'POST', '/new')
+    assert status == 200
+    cached_dek = call(app, 'POST', '/key', kek)[2]
+    other = KeyManagementFacility(pg_url).generate()  # never read through `app`
+    pg_cluster.stop('fast')
+    try:
+        for method, path, body in (('GET', '/', b''), ('POST', '/new', b''),
+                                   ('POST', '/key', other)):
+            status, headers, data = call(app, method, path, body)
+            assert (status, data) == (503, UNAVAILABLE), (method, path)
+            assert headers['Retry-After'] == wsgi.RETRY_AFTER
+        assert call(app, 'POST', '/key', kek)[:3:2] == (200, cached_dek)
+    finally:
+        pg_cluster.start()
+    deadline = time.monotonic() + 30
+    while call(app, 'POST', '/key', other)[0] == 503 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    status, _, dek = call(app, 'POST', '/key', other)
+    assert status == 200 and dek == KeyManagementFacility(pg_url).getEncryptionKey(other)

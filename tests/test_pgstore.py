@@ -630,3 +630,36 @@ def test_directory_errors_that_mean_unavailable():
     full = OSError(errno.ENOSPC, 'No space left on device')
     assert unavailable(full, '/mnt/keys') is full
 
+
+
+def test_a_read_only_database_is_unavailable_for_writes_only(pg_cluster, pg_database,
+                                                             pg_url):
+    """What a server meets when its connections land on a standby (during a
+    failover): reads are served, writes are StoreUnavailable, not an error
+    of another kind; service resumes when the database takes writes again."""
+    store = open_store(pg_url)
+    store.add('abc', b'x')
+    pg_cluster.execute('ALTER DATABASE "%s" SET default_transaction_read_only = on'
+                       % pg_database)
+    # Drop the store's connections: the new ones are read-only.
+    pg_cluster.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity'
+                       ' WHERE datname = %s AND pid <> pg_backend_pid()', [pg_database])
+    with pytest.raises(StoreUnavailable, match='read-only'):
+        eventually(lambda: store.add('new', b'y'), seconds=5)
+    assert eventually(lambda: store.get('abc')) == b'x'
+    pg_cluster.execute('ALTER DATABASE "%s" RESET default_transaction_read_only'
+                       % pg_database)
+    pg_cluster.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity'
+                       ' WHERE datname = %s AND pid <> pg_backend_pid()', [pg_database])
+    eventually(lambda: store.add('new', b'y'))
+    assert store.get('new') == b'y'
+
+
+def test_one_connection_killed_is_retried_unnoticed(pg_cluster, pg_database, pg_url):
+    store = open_store(pg_url)
+    store.add('abc', b'x')
+    pg_cluster.execute('SELECT pg_terminate_backend(pid) FROM pg_stat_activity'
+                       ' WHERE datname = %s AND pid <> pg_backend_pid()', [pg_database])
+    assert store.get('abc') == b'x'  # the broken connection is replaced at once
+    store.add('def', b'y')
+    assert sorted(store.names()) == ['abc', 'def']

@@ -384,8 +384,13 @@ class _Database:
         for attempt in (1, 2):
             pool = self._pool()
             try:
-                with pool.connection() as conn:
+                # getconn/putconn rather than `with pool.connection()`, whose
+                # `with conn` also commits: nothing to commit in autocommit.
+                conn = pool.getconn()
+                try:
                     return work(conn, self.statements)
+                finally:
+                    pool.putconn(conn)
             except PoolTimeout as error:
                 # Every connection busy, or none could be made: which one?
                 try:
