@@ -73,6 +73,13 @@ P = {
     'file_size': (256 * MiB, 16 * MiB),
     'file_rounds': (7, 2),
     'generate_samples': (31, 5),
+    # RSA key generation varies tenfold from key to key; the store rows
+    # compare two medians of it, so they take more samples.
+    'store_generate_samples': (151, 5),
+    # Two servers' warm POST /key should be equal (the cache answers); on a
+    # shared machine single runs vary by 20%, so more, shorter runs.
+    'store_wsgi_runs': (6, 1),
+    'store_wsgi_seconds': (5, 3),
     'cold_legacy_calls': (20, 5),
     'cold_pkcs8_calls': (3, 1),
     'cold_rounds': (7, 3),
@@ -373,6 +380,28 @@ def speedup_goal(factor):
     return goal
 
 
+def table_lines(table):
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    lines = []
+    for i, r in enumerate(table):
+        lines.append('| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |')
+        if i == 0:
+            lines.append('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+    return lines
+
+
+def render_stores(rows):
+    """Our package on PostgreSQL against our package on a directory."""
+    table = [['workload', 'PostgreSQL: median [min..max]', 'directory: median [min..max]',
+              'pg / dir', 'target', 'result']]
+    for row in rows:
+        a, b = row.median('pg'), row.median('dir')
+        table.append([row.name, row.cell('pg'), row.cell('dir'),
+                      '%.2fx' % (a / b) if a and b else '-', row.target or '-',
+                      row.status or '-'])
+    return table_lines(table)
+
+
 def render(rows):
     head = ['workload', 'ours: median [min..max]', 'reference: median [min..max]',
             'speedup', 'GB/s ours / ref', 'target', 'result']
@@ -386,15 +415,9 @@ def render(rows):
             ('%.2f / %s' % (g[0], '%.2f' % g[1] if g[1] else '-')) if g[0] else '-',
             row.target or '-', row.status or '-',
         ])
-    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
-    lines = []
-    for i, r in enumerate(table):
-        lines.append('| ' + ' | '.join(c.ljust(w) for c, w in zip(r, widths)) + ' |')
-        if i == 0:
-            lines.append('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
     notes = ['%s: %s %s' % (row.name, row.status or 'info', row.note)
              for row in rows if row.note]
-    return lines, notes
+    return table_lines(table), notes
 
 
 def touch_guest_memory():
@@ -823,17 +846,18 @@ class Bench:
                 args += [flag, str(settings[name])]
         return args
 
-    def start_server(self, side, store, worker_args=()):
+    def start_server(self, side, store, worker_args=(), name=None):
         venv_bin = os.path.dirname(PYTHONS[side])
         gunicorn = os.path.join(venv_bin, 'gunicorn')
         if not os.path.exists(gunicorn):
             raise RuntimeError('no gunicorn in %s (pip install gunicorn)' % venv_bin)
-        ini = os.path.join(RUN, 'wsgi-%s.ini' % side)
+        name = name or side
+        ini = os.path.join(RUN, 'wsgi-%s.ini' % name)
         with open(ini, 'w') as f:
             f.write('[app:main]\nuse = call:keas.kmi.wsgi:application_factory\n'
-                    'storage-dir = %s\n' % store)
+                    'storage-dir = %s\n' % store.replace('%', '%%'))
         port = free_port()
-        errlog = open(os.path.join(WORK, 'gunicorn-%s.log' % side), 'w')
+        errlog = open(os.path.join(WORK, 'gunicorn-%s.log' % name), 'w')
         env = dict(os.environ)
         env.pop('PYTHONPATH', None)
         proc = subprocess.Popen(
@@ -976,6 +1000,208 @@ end
         finally:
             self.stop_servers()
 
+    # -- key stores: PostgreSQL against the directory (issue 12) ---------------
+    #
+    # Both sides are our package in the same worker process; only the store
+    # differs. Rounds alternate pg dir | dir pg | ... like ours/ref above. The
+    # database is a throwaway cluster of tests/pgcluster.py (fsync on, as the
+    # directory store fsyncs), on loopback TCP.
+
+    def store_row(self, name, kind='time', target='', goal=None):
+        row = self.row(name, kind=kind, target=target)
+        row.samples = {'pg': [], 'dir': []}
+        row.extra = {'pg': [], 'dir': []}
+        row.store = True
+        row.goal = goal
+        return row
+
+    def store_alternate(self, rounds):
+        for r in range(rounds):
+            for side in (('pg', 'dir') if r % 2 == 0 else ('dir', 'pg')):
+                yield r, side
+
+    @staticmethod
+    def ratio_goal(limit, at_most):
+        """pg / dir of the medians: at most ``limit`` (times) or at least (rates)."""
+        def goal(row):
+            ratio = row.median('pg') / row.median('dir')
+            ok = ratio <= limit if at_most else ratio >= limit
+            return ok, 'pg/dir %.2fx vs %s %gx' % (ratio, '<=' if at_most else '>=', limit)
+        return goal
+
+    def stores(self):
+        sys.path.insert(0, os.path.join(ROOT, 'tests'))
+        import pgcluster
+        rows = [
+            self.store_row('generate() (keygen, wrap, store)',
+                           target='pg <= 1.2x dir', goal=self.ratio_goal(1.2, True)),
+            self.store_row('cold getEncryptionKey, legacy PEM (DES-EDE3) KEK',
+                           target='pg <= 1.2x dir', goal=self.ratio_goal(1.2, True)),
+            self.store_row('  store.get(), one key (per call)'),
+            self.store_row('WSGI POST /key, warm, gunicorn -w 2 (sync)', kind='rate',
+                           target='pg >= 0.95x dir', goal=self.ratio_goal(0.95, False)),
+            self.store_row('WSGI POST /new, 4 servers, one store', kind='rate'),
+            self.store_row('  same, 1 server', kind='rate'),
+        ]
+        reason = pgcluster.missing_reason()
+        if reason:
+            for row in rows:
+                row.skip(reason)
+            return
+        try:
+            cluster = pgcluster.Cluster()
+        except pgcluster.ClusterError as e:
+            for row in rows:
+                row.fail(e)
+            return
+        try:
+            cluster.create_database('kmibench')
+            self.pg_url = cluster.url('kmibench')
+            self.pg_version = cluster.execute('SHOW server_version')[0][0]
+            self.store_facility_rows(*rows[:3])
+            self.store_wsgi_row(rows[3])
+            self.store_new_rows(rows[4], rows[5])
+        finally:
+            self.stop_servers()
+            cluster.destroy()
+
+    def store_facility_rows(self, gen, cold, get):
+        from keas.kmi.store import open_store
+        from keas.kmi.storecopy import copy_keys
+        ours = self.workers['ours']
+        url = self.pg_url
+        locations = {'pg': url, 'dir': os.path.join(RUN, 'gen-store-dir')}
+        try:
+            for r, side in self.store_alternate(P['store_generate_samples']):
+                a = ours.call('generate', store=locations[side])
+                self.record(gen, side, a['seconds'])
+        except (WorkerError, CheckFailed) as e:
+            gen.fail(e)
+        # The legacy KEK's wrapped DEK, copied from the directory the other
+        # rows read into the database: the same bytes on both sides.
+        src, dst = open_store(self.store), open_store(url)
+        result = copy_keys(src, dst)
+        src.close()
+        dst.close()
+        check(not result.conflicts, 'copying the benchmark keys found conflicts')
+        stores = {'pg': url, 'dir': self.store}
+        n = P['cold_legacy_calls']
+        dek = self.keks['legacy']['dek']
+        try:
+            for side in ('pg', 'dir'):  # warm-up (the pool, the page cache), not recorded
+                ours.call('cold', store=stores[side], kind='legacy', n=1, dek=dek)
+            for _, side in self.store_alternate(P['cold_rounds']):
+                a = ours.call('cold', store=stores[side], kind='legacy', n=n, dek=dek)
+                self.record(cold, side, a['seconds'] / n, calls=n)
+        except (WorkerError, CheckFailed) as e:
+            cold.fail(e)
+        name = self.keks['legacy']['name']
+        with open(os.path.join(self.store, name + '.dek'), 'rb') as f:
+            wrapped = f.read().hex()
+        calls = P['small_calls'] // 10
+        try:
+            for _, side in self.store_alternate(P['small_rounds']):
+                a = ours.call('store_get', store=stores[side], name=name, n=calls,
+                              expected=wrapped)
+                extra = {'calls': calls}
+                if 'raw_select_seconds' in a:
+                    extra['raw_psycopg_select_per_call'] = a['raw_select_seconds'] / calls
+                self.record(get, side, a['seconds'] / calls, **extra)
+            raw = [e['raw_psycopg_select_per_call'] for e in get.extra['pg']]
+            get.note = ('the same primary-key SELECT on one psycopg connection, no pool: '
+                        'median %s' % fmt_time(statistics.median(raw)))
+        except (WorkerError, CheckFailed) as e:
+            get.fail(e)
+
+    def store_wsgi_row(self, row):
+        loader = 'wrk -t1 -c4' if shutil.which('wrk') else 'benchmarks/loadgen.py (no wrk)'
+        row.note = ('load: %s, %d s per run; both: gunicorn sync workers, our package; '
+                    'the DEK is cached, so the store is not read'
+                    % (loader, P['store_wsgi_seconds']))
+        kek_path = self.keks['legacy']['kek_path']
+        with open(kek_path, 'rb') as f:
+            kek = f.read()
+        stores = {'pg': self.pg_url, 'dir': self.store}
+        ports = {}
+        try:
+            for side in ('pg', 'dir'):
+                ports[side] = self.start_server('ours', stores[side], (),
+                                                name='store-%s' % side)[1]
+                self.sample_requests(ports[side], kek, self.dek)
+            script = self.wrk_script(kek, self.dek)
+            for side in ('pg', 'dir'):  # warm-up, not recorded
+                self.load(ports[side], 2, script, kek_path, self.dek)
+            for _, side in self.store_alternate(P['store_wsgi_runs']):
+                rps, extra = self.load(ports[side], P['store_wsgi_seconds'], script,
+                                       kek_path, self.dek)
+                self.record(row, side, rps, **extra)
+        except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+            row.fail(e)
+        finally:
+            self.stop_servers()
+
+    def new_load(self, ports, seconds, clients=8):
+        """POST /new from ``clients`` threads round-robin over ``ports`` for
+        ``seconds``; every answer must be 200 and a KEK. (KEKs, req/s)."""
+        import threading
+        keks, bad = [], []
+        lock = threading.Lock()
+        deadline = time.perf_counter() + seconds
+
+        def loop(c):
+            i = c
+            while time.perf_counter() < deadline:
+                conn = http.client.HTTPConnection('127.0.0.1', ports[i % len(ports)],
+                                                  timeout=60)
+                try:
+                    conn.request('POST', '/new', b'')
+                    resp = conn.getresponse()
+                    body = resp.read()
+                finally:
+                    conn.close()
+                with lock:
+                    if resp.status == 200 and body.startswith(b'-----BEGIN'):
+                        keks.append(body)
+                    else:
+                        bad.append(resp.status)
+                i += 1
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=loop, args=(c,)) for c in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+        check(not bad, '%d POST /new answers were not 200 + a KEK: %r' % (len(bad), bad[:5]))
+        return keks, len(keks) / elapsed
+
+    def store_new_rows(self, four, one):
+        from keas.kmi.facility import KeyManagementFacility
+        stores = {'pg': self.pg_url, 'dir': os.path.join(RUN, 'new-store-dir')}
+        seconds = P['wsgi_seconds']
+        for row, count in ((four, 4), (one, 1)):
+            row.note = ('8 client threads round-robin over the servers, %d s per run; '
+                        'each server gunicorn -w 2 (sync); every KEK is then read '
+                        'back from the store' % seconds)
+            try:
+                for _, side in self.store_alternate(P['wsgi_runs']):
+                    ports = [self.start_server('ours', stores[side], (),
+                                               name='new-%s-%d' % (side, i))[1]
+                             for i in range(count)]
+                    keks, rps = self.new_load(ports, seconds)
+                    self.stop_servers()
+                    kmf = KeyManagementFacility(stores[side])
+                    names = set(kmf.keys())
+                    lost = [k for k in keks if hashlib.md5(k).hexdigest() not in names]
+                    check(not lost, '%d KEKs handed out are not in the store' % len(lost))
+                    for kek in keks[:5]:
+                        check(len(kmf.getEncryptionKey(kek)) == 128, 'a stored key is unusable')
+                    self.record(row, side, rps, keys=len(keks))
+            except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+                row.fail(e)
+            finally:
+                self.stop_servers()
+
     # -- memory ----------------------------------------------------------------
 
     def memory(self):
@@ -1055,7 +1281,9 @@ end
     def report(self, started, header, sha):
         for row in self.rows:
             row.judge()
-        table, notes = render(self.rows)
+        main_rows = [r for r in self.rows if not getattr(r, 'store', False)]
+        store_rows = [r for r in self.rows if getattr(r, 'store', False)]
+        table, notes = render(main_rows)
         lines = header + ['']
         lines.append('openssl speed -evp aes-256-cbc -bytes 16384 -seconds %d (GB/s, '
                      'before and after the bulk rows; targets use the higher): '
@@ -1066,10 +1294,22 @@ end
         lines.append('rounds alternate ours/ref (ours ref | ref ours | ...); times are '
                      'per operation; speedup = ref time / ours time (req/s: ours / ref)')
         lines.append('')
-        lines += table
-        lines.append('')
-        lines += notes
-        lines.append('')
+        if main_rows:
+            lines += table
+            lines.append('')
+            lines += notes
+            lines.append('')
+        if store_rows:
+            lines.append('key stores: our package on PostgreSQL %s (a throwaway local cluster, '
+                         'loopback TCP, fsync on) against our package on a directory; rounds '
+                         'alternate pg dir | dir pg | ...; pg / dir = ratio of the medians'
+                         % getattr(self, 'pg_version', '?'))
+            lines.append('')
+            lines += render_stores(store_rows)
+            lines.append('')
+            lines += ['%s: %s %s' % (row.name, row.status or 'info', row.note)
+                      for row in store_rows if row.note]
+            lines.append('')
         counts = {}
         for row in self.rows:
             if row.status:
@@ -1101,7 +1341,7 @@ end
                 sys.exit('missing %s: run make bench, which creates it' % PYTHONS[side])
         if not shutil.which('openssl'):
             sys.exit('the openssl command is needed')
-        # BENCH_ONLY=small,bulk: only these sections (a partial run).
+        # BENCH_ONLY=small,stores: only these sections (comma-separated names).
         only = set(filter(None, os.environ.get('BENCH_ONLY', '').split(',')))
 
         def section(name, *steps):
@@ -1112,6 +1352,8 @@ end
         try:
             self.setup()
             header, sha = self.header()
+            if only:
+                header.append('sections: %s only (BENCH_ONLY)' % ','.join(sorted(only)))
             section('small', self.small)
             section('bulk', self.measure_openssl, self.bulk)
             section('files', self.files, self.measure_openssl)
@@ -1121,6 +1363,7 @@ end
             section('v2', self.small_v2, self.measure_openssl_gcm, self.bulk_v2,
                     self.files_v2, self.measure_openssl_gcm, self.zodb_v2)
             section('wsgi', self.wsgi)
+            section('stores', self.stores)
             for side in SIDES:
                 self.workers[side].stop()
             section('memory', self.memory)

@@ -223,14 +223,18 @@ class Worker:
 
     def op_generate(self, store):
         """One generate(); then a fresh facility must unwrap its DEK."""
-        os.makedirs(store, mode=0o700, exist_ok=True)
+        if not store.startswith('postgresql://'):
+            os.makedirs(store, mode=0o700, exist_ok=True)
         fac = KeyManagementFacility(store)
         t0 = time.perf_counter()
         kek = fac.generate()
         seconds = time.perf_counter() - t0
         name = hashlib.md5(kek).hexdigest()
-        check(os.path.exists(os.path.join(store, name + '.dek')),
-              'generate() stored no %s.dek' % name)
+        if store.startswith('postgresql://'):
+            check(name in KeyManagementFacility(store), 'generate() stored no row %s' % name)
+        else:
+            check(os.path.exists(os.path.join(store, name + '.dek')),
+                  'generate() stored no %s.dek' % name)
         dek = KeyManagementFacility(store).getEncryptionKey(kek)
         check(len(dek) == fac.keyLength,
               'generated DEK has %d bytes, not %d' % (len(dek), fac.keyLength))
@@ -260,6 +264,33 @@ class Worker:
         check(all(g == expected for g in got),
               'cold getEncryptionKey returned a wrong DEK')
         return {'seconds': seconds, 'calls': n}
+
+    def op_store_get(self, store, name, n, expected):
+        """``n`` get(name) calls on one open key store (ours only); for a
+        database, also ``n`` of the same primary-key SELECT straight through
+        one psycopg connection, without the pool."""
+        from keas.kmi.store import open_store
+        want = bytes.fromhex(expected)
+        opened = open_store(store)
+        check(opened.get(name) == want, 'store.get returned other bytes')
+        t0 = time.perf_counter()
+        for _ in range(n):
+            got = opened.get(name)
+        seconds = time.perf_counter() - t0
+        check(got == want, 'store.get returned other bytes in the loop')
+        result = {'seconds': seconds, 'calls': n}
+        if store.startswith('postgresql://'):
+            import psycopg
+            with psycopg.connect(opened._settings.conninfo, autocommit=True) as conn:
+                query = 'SELECT wrapped FROM kmi.keys WHERE name = %s'
+                conn.execute(query, [name]).fetchone()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    row = conn.execute(query, [name], binary=True).fetchone()
+                result['raw_select_seconds'] = time.perf_counter() - t0
+                check(bytes(row[0]) == want, 'SELECT returned other bytes')
+        opened.close()
+        return result
 
     # -- ZODB ------------------------------------------------------------------
 

@@ -45,3 +45,58 @@ def zca(tmp_path):
     provideUtility(testing.TestingKeyHolder())
     yield service
     zope.component.testing.tearDown()
+
+
+# PostgreSQL ---------------------------------------------------------------------
+# One throwaway cluster per session (tests/pgcluster.py), a database per test.
+# Skipped with the reason where PostgreSQL is missing; in CI that is a failure.
+
+
+def pg_unavailable_reason():
+    import importlib.util
+    import pgcluster
+    reason = pgcluster.missing_reason()
+    if reason is None and not all(importlib.util.find_spec(m) for m in ('psycopg', 'psycopg_pool')):
+        reason = "psycopg and psycopg_pool are missing (pip install -e '.[test]')"
+    return reason
+
+
+@pytest.fixture(scope='session')
+def pg_cluster():
+    """A PostgreSQL server of our own on a free loopback port, TLS on."""
+    import os
+    import pgcluster
+    reason = pg_unavailable_reason()
+    if reason:
+        if os.environ.get('CI'):
+            pytest.fail('CI runs the PostgreSQL tests, but: ' + reason)
+        pytest.skip(reason)
+    cluster = pgcluster.Cluster()
+    yield cluster
+    cluster.destroy()
+
+
+@pytest.fixture
+def pg_database(pg_cluster):
+    """A fresh database's name; dropped afterwards with its connections."""
+    import uuid
+    from keas.kmi import pgstore
+    name = pg_cluster.create_database('kmi_%s' % uuid.uuid4().hex[:12])
+    yield name
+    pgstore._Database.close_all()
+    if pg_cluster.running():
+        pg_cluster.execute('DROP DATABASE IF EXISTS "%s" WITH (FORCE)' % name)
+
+
+@pytest.fixture
+def pg_url(pg_cluster, pg_database):
+    """The URL of a fresh database (as the superuser, over TCP)."""
+    return pg_cluster.url(pg_database)
+
+
+@pytest.fixture(params=['directory', 'postgresql'])
+def store_location(request, tmp_path):
+    """Each key store in turn: a fresh directory, a fresh database."""
+    if request.param == 'directory':
+        return str(tmp_path / 'keys')
+    return request.getfixturevalue('pg_url')

@@ -38,8 +38,8 @@ def make_parser():
 
 
 def _registrations():
-    from keas.kmi import migrate
-    return [migrate.register]
+    from keas.kmi import migrate, storecopy
+    return [storecopy.register, migrate.register]
 
 
 def main(argv=None):
@@ -63,7 +63,8 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
-    # Run the imported module's main, so that the commands' CommandError is this one.
+    # `python -m keas.kmi.cli`: run the imported module's main, so that the
+    # subcommands' CommandError is the class main catches.
     from keas.kmi.cli import main as _main
 
     sys.exit(_main())

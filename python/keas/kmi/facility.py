@@ -204,7 +204,8 @@ class _DekCacheView(Mapping):
 @implementer(interfaces.IExtendedKeyManagementFacility)
 class KeyManagementFacility(EncryptionService):
     """The master facility over the key store at ``storage_dir``: a
-    directory, or a PostgreSQL URL (``keas.kmi.store``).
+    directory, or a PostgreSQL URL (``keas.kmi.store``); ``store_options``
+    go to the store (``keas.kmi.pgstore`` lists the database's).
 
     Wrapped DEKs are stored by the md5 hex digest of their KEK; the mapping
     API reaches them by that name. Unwrapped DEKs are cached for ``timeout``
@@ -231,9 +232,9 @@ class KeyManagementFacility(EncryptionService):
             cls.getEncryptionKey is KeyManagementFacility.getEncryptionKey
             and cls._bytesToKey is EncryptionService._bytesToKey)
 
-    def __init__(self, storage_dir):
+    def __init__(self, storage_dir, **store_options):
         self.storage_dir = storage_dir
-        self.store = open_store(storage_dir)
+        self.store = open_store(storage_dir, **store_options)
         self._core = _kmi.Facility(self.maxCachedKeys)
 
     def _fetch(self, name):

@@ -18,8 +18,17 @@ from webob import Request
 from webob import Response
 
 from keas.kmi import _kmi, rest
+from keas.kmi.store import StoreUnavailable, is_database_url, redact
 
 log = logging.getLogger('kmi')
+
+# What a client gets while the key store cannot be reached: retry shortly.
+STORE_UNAVAILABLE = 'Key storage unavailable'
+RETRY_AFTER = '2'
+
+# The exit status when the key store cannot be opened at start: gunicorn's
+# "App failed to load", which stops the server instead of restarting workers.
+EXIT_STORE_FAILED = 4
 
 # A KEK is a PEM-armoured RSA key: a few KiB even for 16384-bit keys.
 MAX_KEK_SIZE = 64 * 1024
@@ -72,6 +81,10 @@ class KeyManagementApplication:
         request = Request(environ)
         try:
             response = self.handle(request)
+        except StoreUnavailable as error:
+            log.error('%s %r from %s: %s', environ.get('REQUEST_METHOD'),
+                      environ.get('PATH_INFO'), environ.get('REMOTE_ADDR'), error)
+            response = _unavailable()
         except Exception:
             # The traceback goes to the log, never to the client.
             log.exception(
@@ -97,8 +110,10 @@ class KeyManagementApplication:
                           [('Connection', 'close')])(environ, start_response)
         kek = environ['wsgi.input'].read(length)
         status, body = self.answer_key(kek, client)
-        start_response(status, [('Content-Type', 'text/plain'),
-                                ('Content-Length', str(len(body)))])
+        headers = [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))]
+        if status.startswith('503'):
+            headers.append(('Retry-After', RETRY_AFTER))
+        start_response(status, headers)
         return [body]
 
     def answer_key(self, kek, client):
@@ -109,6 +124,10 @@ class KeyManagementApplication:
             status, body, outcome = '404 Not Found', rest.KEY_NOT_FOUND.encode(), 'not found'
         except ValueError:
             status, body, outcome = '400 Bad Request', rest.INVALID_KEK.encode(), 'invalid KEK'
+        except StoreUnavailable as error:
+            log.error('data key for %s: %s', client, error)
+            status, body, outcome = ('503 Service Unavailable', STORE_UNAVAILABLE.encode(),
+                                     'key storage unavailable')
         except Exception:
             log.exception('internal error on POST /key from %s', client)
             status, body, outcome = '500 Internal Server Error', b'Internal server error', 'error'
@@ -133,6 +152,10 @@ class KeyManagementApplication:
     def create_key(self, request):
         try:
             response = rest.create_key(self.facility, request)
+        except StoreUnavailable as error:
+            # Nothing was handed out: the KEK is returned only once its DEK is stored.
+            log.error('cannot create a key for %s: %s', request.remote_addr, error)
+            return _unavailable()
         except OSError as error:
             if error.errno != errno.ENOSPC:
                 raise
@@ -153,8 +176,10 @@ class KeyManagementApplication:
             )
             return _plain(413, 'Request body too large', [('Connection', 'close')])
         status, body = self.answer_key(kek, request.remote_addr)
-        return Response(body=body, status=status,
-                        headerlist=[('Content-Type', 'text/plain')])
+        headers = [('Content-Type', 'text/plain')]
+        if status.startswith('503'):
+            headers.append(('Retry-After', RETRY_AFTER))
+        return Response(body=body, status=status, headerlist=headers)
 
     def read_kek(self, request):
         """The request body, or None when it is longer than a KEK can be."""
@@ -172,6 +197,10 @@ class KeyManagementApplication:
         return b''
 
 
+def _unavailable():
+    return _plain(503, STORE_UNAVAILABLE, [('Retry-After', RETRY_AFTER)])
+
+
 def make_storage_dir(path):
     """Create the key directory readable by its owner alone, or check it."""
     os.makedirs(path, mode=0o700, exist_ok=True)
@@ -182,18 +211,53 @@ def make_storage_dir(path):
         )
 
 
+# [app:main] settings for a database store, by their keas.kmi.pgstore names.
+STORE_SETTINGS = ('schema', 'pool-min-size', 'pool-max-size', 'pool-timeout',
+                  'statement-timeout')
+
+
 def application_factory(global_config, **settings):
-    """PasteDeploy ``paste.app_factory``: the server for ``storage-dir``."""
+    """PasteDeploy ``paste.app_factory``: the server for ``storage-dir``, a
+    directory or a PostgreSQL URL (with the optional ``STORE_SETTINGS``).
+
+    When the key store cannot be opened (the database is unreachable, its
+    schema cannot be brought up to date), the error is logged as one line
+    and the process exits with status 4, which makes gunicorn stop rather
+    than restart the worker."""
     from keas.kmi.facility import KeyManagementFacility
 
     try:
         storage_dir = settings['storage-dir']
     except KeyError:
         raise ValueError('keas.kmi: the setting storage-dir is required') from None
-    storage_dir = os.path.abspath(storage_dir)
-    make_storage_dir(storage_dir)
-    log.info('key storage: %s', storage_dir)
-    return KeyManagementApplication(KeyManagementFacility(storage_dir))
+    options = {name.replace('-', '_'): settings[name]
+               for name in STORE_SETTINGS if settings.get(name, '').strip()}
+    if is_database_url(storage_dir):
+        location = storage_dir
+        shown = redact(location)
+    else:
+        if options:
+            log.warning('ignoring %s: storage-dir is a directory, not a database',
+                        ', '.join(sorted(n.replace('_', '-') for n in options)))
+            options = {}
+        location = shown = os.path.abspath(storage_dir)
+    try:
+        if not is_database_url(location):
+            make_storage_dir(location)
+        facility = KeyManagementFacility(location, **options)
+    except (OSError, ValueError, ImportError) as error:
+        # One line, no traceback: the operator fixes the database or the URL.
+        message = str(error)
+        if shown not in message:
+            message = '%s: %s' % (shown, message)
+        message = 'cannot open the key storage: ' + message
+        if log.hasHandlers():
+            log.critical('%s', message)
+        else:
+            print('keas.kmi: ' + message, file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_STORE_FAILED) from None
+    log.info('key storage: %s', shown)
+    return KeyManagementApplication(facility)
 
 
 # The launcher ---------------------------------------------------------------
