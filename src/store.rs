@@ -192,25 +192,27 @@ impl DekStore {
     }
 
     /// Delete the DEK of `name` (and its metadata when `with_meta`), durably.
+    /// `NotFound` when there was nothing to delete.
     pub fn remove(&self, name: &str, with_meta: bool) -> KmiResult<()> {
         check_name(name)?;
-        match fs::remove_file(self.path(name, DEK_SUFFIX)) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound && !with_meta => {
-                return Err(KmiError::NotFound(name.to_owned()))
-            }
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(e.into()),
-        }
+        let mut removed = remove_optional(&self.path(name, DEK_SUFFIX))?;
         if with_meta {
-            match fs::remove_file(self.path(name, META_SUFFIX)) {
-                Ok(()) => {}
-                Err(e) if e.kind() == ErrorKind::NotFound => {}
-                Err(e) => return Err(e.into()),
-            }
+            removed |= remove_optional(&self.path(name, META_SUFFIX))?;
+        }
+        if !removed {
+            return Err(KmiError::NotFound(name.to_owned()));
         }
         File::open(&self.dir)?.sync_all()?;
         Ok(())
+    }
+}
+
+/// Whether `path` was there to remove.
+fn remove_optional(path: &Path) -> KmiResult<bool> {
+    match fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -282,6 +284,10 @@ mod tests {
         assert_eq!(store.meta_names().unwrap(), vec!["abc".to_owned()]);
         store.remove("abc", true).unwrap();
         assert!(store.meta_names().unwrap().is_empty());
+        assert!(matches!(
+            store.remove("abc", true),
+            Err(KmiError::NotFound(_))
+        ));
         fs::remove_dir_all(dir).unwrap();
     }
 

@@ -57,12 +57,11 @@ def test_each_kind_of_tampering_names_the_first_broken_entry(tmp_path):
         return lines
 
     def edit_and_rehash(lines):
-        import hashlib
+        from keas.kmi.audit import canonical, chain_hash
         entry = json.loads(lines[2])
         entry['outcome'] = 'not found'
-        body = {k: v for k, v in entry.items() if k != 'hash'}
-        entry['hash'] = hashlib.sha256(json.dumps(
-            body, sort_keys=True, separators=(',', ':')).encode()).hexdigest()
+        body = {k: v for k, v in entry.items() if k not in ('seq', 'prev', 'hash')}
+        entry['hash'] = chain_hash(entry['prev'], entry['seq'], canonical(body))
         lines[2] = json.dumps(entry, sort_keys=True, separators=(',', ':'))
         return lines
 

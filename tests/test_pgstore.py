@@ -217,13 +217,16 @@ def test_schema_is_created_on_first_use(pg_cluster, pg_database, pg_url):
     assert pg_cluster.execute("SELECT 1 FROM pg_namespace WHERE nspname = 'kmi'",
                               dbname=pg_database) == []
     store = open_store(pg_url)
-    assert store.version() == 1 == pg().SCHEMA_VERSION
+    assert store.version() == 2 == pg().SCHEMA_VERSION
     columns = pg_cluster.execute(
         "SELECT column_name, data_type, is_nullable FROM information_schema.columns"
         " WHERE table_schema = 'kmi' AND table_name = 'keys' ORDER BY ordinal_position",
         dbname=pg_database)
-    assert columns == [('name', 'text', 'NO'), ('wrapped', 'bytea', 'NO'),
-                       ('created', 'timestamp with time zone', 'NO')]
+    assert columns == [('name', 'text', 'NO'), ('wrapped', 'bytea', 'YES'),
+                       ('created', 'timestamp with time zone', 'NO'),
+                       ('state', 'text', 'NO'), ('kid', 'bytea', 'YES'),
+                       ('kek_fingerprint', 'bytea', 'YES'), ('transitions', 'jsonb', 'NO'),
+                       ('details', 'jsonb', 'NO')]
     primary = pg_cluster.execute(
         "SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid"
         " AND a.attnum = ANY(i.indkey) WHERE i.indrelid = 'kmi.keys'::regclass"
@@ -231,7 +234,7 @@ def test_schema_is_created_on_first_use(pg_cluster, pg_database, pg_url):
     assert primary == [('name',)]
     versions = pg_cluster.execute('SELECT version, software FROM kmi.schema_version',
                                   dbname=pg_database)
-    assert [v for v, _ in versions] == [1] and versions[0][1].startswith('keas.kmi')
+    assert [v for v, _ in sorted(versions)] == [1, 2] and versions[0][1].startswith('keas.kmi')
     store.add('abc', b'x')
     created = pg_cluster.execute("SELECT created > now() - interval '1 hour'"
                                  " FROM kmi.keys", dbname=pg_database)
@@ -241,7 +244,8 @@ def test_schema_is_created_on_first_use(pg_cluster, pg_database, pg_url):
         "SELECT table_schema, table_name FROM information_schema.tables"
         " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 2",
         dbname=pg_database)
-    assert tables == [('kmi', 'keys'), ('kmi', 'schema_version')]
+    assert tables == [('kmi', 'audit'), ('kmi', 'audit_head'), ('kmi', 'keys'),
+                      ('kmi', 'schema_version')]
     store.close()
 
 
@@ -301,34 +305,47 @@ def test_servers_starting_together_migrate_once(pg_cluster, pg_database, pg_url)
              for i in range(6)]
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0] * 6, outs
-    assert [out.strip() for out, _ in outs] == ['1'] * 6
-    assert pg_cluster.execute('SELECT version FROM kmi.schema_version',
-                              dbname=pg_database) == [(1,)]
+    assert [out.strip() for out, _ in outs] == ['2'] * 6
+    assert pg_cluster.execute('SELECT version FROM kmi.schema_version ORDER BY 1',
+                              dbname=pg_database) == [(1,), (2,)]
     assert len(open_store(pg_url)) == 6
 
 
-def test_an_appended_migration_upgrades_an_existing_schema(pg_cluster, pg_database,
-                                                           pg_url, monkeypatch):
-    store = open_store(pg_url)
-    store.add('abc', b'kept')
-    store.close()
+def test_a_version_1_schema_is_upgraded_and_keeps_its_keys(pg_cluster, pg_database,
+                                                          pg_url, monkeypatch):
+    # A database a keas.kmi of schema version 1 (issue 12) filled.
     pgstore = pg()
+    real = pgstore.MIGRATIONS
+    monkeypatch.setattr(pgstore, 'MIGRATIONS', real[:1])
+    monkeypatch.setattr(pgstore, 'SCHEMA_VERSION', 1)
+    open_store(pg_url).close()
+    pg_cluster.execute("INSERT INTO kmi.keys (name, wrapped) VALUES ('abc', 'kept')",
+                       dbname=pg_database)
     pgstore._Database.close_all()
-    step = "ALTER TABLE {schema}.keys ADD COLUMN state text NOT NULL DEFAULT 'active'"
-    monkeypatch.setattr(pgstore, 'MIGRATIONS', pgstore.MIGRATIONS + (step,))
-    monkeypatch.setattr(pgstore, 'SCHEMA_VERSION', 2)
+    # This keas.kmi (version 2: key states and the audit log) upgrades it.
+    monkeypatch.setattr(pgstore, 'MIGRATIONS', real)
+    monkeypatch.setattr(pgstore, 'SCHEMA_VERSION', len(real))
     upgraded = open_store(pg_url)
     assert upgraded.version() == 2
     assert upgraded.get('abc') == b'kept'
+    assert upgraded.meta('abc')['state'] == 'active'
     assert pg_cluster.execute('SELECT name, state FROM kmi.keys',
                               dbname=pg_database) == [('abc', 'active')]
     assert [v for v, in pg_cluster.execute('SELECT version FROM kmi.schema_version'
                                            ' ORDER BY 1', dbname=pg_database)] == [1, 2]
     upgraded.close()
     pgstore._Database.close_all()
+    # An appended step is all a version 3 takes.
+    step = "ALTER TABLE {schema}.keys ADD COLUMN note text NOT NULL DEFAULT ''"
+    monkeypatch.setattr(pgstore, 'MIGRATIONS', real + (step,))
+    monkeypatch.setattr(pgstore, 'SCHEMA_VERSION', len(real) + 1)
+    newer = open_store(pg_url)
+    assert newer.version() == 3 and newer.get('abc') == b'kept'
+    newer.close()
+    pgstore._Database.close_all()
     # And this keas.kmi, which knows only version 2, refuses a version 3 schema.
-    pg_cluster.execute("INSERT INTO kmi.schema_version (version, software)"
-                       " VALUES (3, 'the future')", dbname=pg_database)
+    monkeypatch.setattr(pgstore, 'MIGRATIONS', real)
+    monkeypatch.setattr(pgstore, 'SCHEMA_VERSION', len(real))
     with pytest.raises(pgstore.SchemaVersionError, match='version 3, newer than'):
         open_store(pg_url)
 
@@ -337,9 +354,9 @@ def test_kmi_store_migrate(pg_cluster, pg_database, pg_url):
     kmi = [sys.executable, '-m', 'keas.kmi.cli', 'store', 'migrate']
     first = subprocess.run([*kmi, pg_url], capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
-    assert 'upgraded from version 0 to 1' in first.stdout
+    assert 'upgraded from version 0 to 2' in first.stdout
     again = subprocess.run([*kmi, pg_url], capture_output=True, text=True, timeout=60)
-    assert again.returncode == 0 and 'at version 1, up to date' in again.stdout
+    assert again.returncode == 0 and 'at version 2, up to date' in again.stdout
 
 
 def test_stores_of_one_process_share_a_pool(pg_url):

@@ -9,7 +9,8 @@ Each entry is one JSON object (sorted keys, no spaces) with
                        trusted TLS-terminating proxy passed on
     outcome            ok, or why the request was refused
     prev               the hash of the entry before (64 zeros for the first)
-    hash               SHA-256 of this entry's JSON without ``hash``
+    hash               SHA-256 of ``prev``, a newline, ``seq``, a newline and
+                       the JSON of the other fields (sorted keys, no spaces)
 
 and never key material or a request or response body. Editing, inserting,
 deleting or reordering entries breaks the chain, which ``verify`` checks.
@@ -24,6 +25,7 @@ before that, fetches in groups at least once a second and at shutdown.
 When the log cannot be written the request is refused (``AuditError``).
 """
 import atexit
+import contextvars
 import fcntl
 import hashlib
 import json
@@ -39,48 +41,90 @@ FIELDS = ('event', 'name', 'kid', 'client', 'subject', 'outcome')
 CHANGES = frozenset(['generate', 'rewrap', 'put', 'state', 'destroy', 'copy'])
 
 
+# Who is asking, for the entries of the current request: the server sets
+# {'client': address, 'subject': certificate subject} for each request.
+requester = contextvars.ContextVar('keas.kmi audit requester', default={})
+
+
 class AuditError(OSError):
     """The audit log could not be written: the request must be refused."""
+
+
+CHAIN = ('seq', 'prev', 'hash')
 
 
 def canonical(entry):
     return json.dumps(entry, sort_keys=True, separators=(',', ':'), ensure_ascii=True)
 
 
+def entry_fields(fields, when=None):
+    """The JSON text of an event's fields, as the chain hashes it."""
+    body = {k: fields.get(k) for k in FIELDS}
+    body['time'] = when or now_iso()
+    return canonical(body)
+
+
+def chain_hash(prev, seq, fields_text):
+    """What links an entry to the one before (a database computes the same)."""
+    return hashlib.sha256(('%s\n%d\n%s' % (prev, seq, fields_text)).encode()).hexdigest()
+
+
 def seal_entry(fields, seq, prev, when=None):
-    """The entry for ``fields`` after the entry ``(seq - 1, prev)``, as its line."""
-    entry = {k: fields.get(k) for k in FIELDS}
-    entry.update(seq=seq, time=when or now_iso(), prev=prev)
-    entry['hash'] = hashlib.sha256(canonical(entry).encode()).hexdigest()
+    """The entry for ``fields`` after the entry ``(seq - 1, prev)``, and its line."""
+    text = entry_fields(fields, when)
+    entry = json.loads(text)
+    entry.update(seq=seq, prev=prev, hash=chain_hash(prev, seq, text))
     return entry, canonical(entry)
 
 
-def verify_lines(lines):
-    """Check a chain given as (line number, text) pairs.
+def check_entry(entry, prev, body_text=None):
+    """Why ``entry`` (a dict) does not belong after ``prev``, or None.
+    ``body_text``: the hashed JSON as stored, when the store keeps it apart."""
+    seq = entry.get('seq')
+    if body_text is None:
+        body_text = canonical({k: v for k, v in entry.items() if k not in CHAIN})
+    if not isinstance(seq, int) or chain_hash(entry.get('prev'), seq, body_text) \
+            != entry.get('hash'):
+        return 'its hash does not match its contents (edited)'
+    if entry.get('prev') != prev:
+        return ('it does not follow the entry before it '
+                '(an entry was deleted, inserted or moved)')
+    return None
 
-    Returns ``(entries, head hash, None)`` or ``(entries checked, head,
-    (line number, seq or None, what is wrong))`` at the first broken entry.
+
+def verify_entries(items):
+    """Check a chain of ``(where, entry dict or None, body text or None)``:
+    ``where`` names the entry in a report (a line number), None for an
+    entry that does not parse.
+
+    Returns ``(entries, head hash, None)``, or at the first broken entry
+    ``(entries before it, their head, (where, seq or None, what is wrong))``.
     """
     prev, expected_seq, count = GENESIS, None, 0
-    for number, text in lines:
-        try:
-            entry = json.loads(text)
-            if not isinstance(entry, dict):
-                raise ValueError('not an object')
-        except ValueError:
-            return count, prev, (number, None, 'not a JSON entry (damaged or cut off)')
+    for where, entry, body_text in items:
+        if entry is None:
+            return count, prev, (where, None, 'not a JSON entry (damaged or cut off)')
         seq = entry.get('seq')
-        body = {k: v for k, v in entry.items() if k != 'hash'}
-        if hashlib.sha256(canonical(body).encode()).hexdigest() != entry.get('hash'):
-            return count, prev, (number, seq, 'its hash does not match its contents (edited)')
-        if entry.get('prev') != prev:
-            return count, prev, (number, seq, 'it does not follow the entry before it '
-                                 '(an entry was deleted, inserted or moved)')
+        wrong = check_entry(entry, prev, body_text)
+        if wrong:
+            return count, prev, (where, seq, wrong)
         if expected_seq is not None and seq != expected_seq:
-            return count, prev, (number, seq, 'sequence number %r where %d was due'
+            return count, prev, (where, seq, 'sequence number %r where %d was due'
                                  % (seq, expected_seq))
         prev, expected_seq, count = entry['hash'], seq + 1, count + 1
     return count, prev, None
+
+
+def verify_lines(lines):
+    """``verify_entries`` over (line number, JSON text) pairs of a file."""
+    def parsed():
+        for number, text in lines:
+            try:
+                entry = json.loads(text)
+            except ValueError:
+                entry = None
+            yield number, entry if isinstance(entry, dict) else None, None
+    return verify_entries(parsed())
 
 
 class FileAuditLog:

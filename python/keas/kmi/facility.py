@@ -15,7 +15,8 @@ from urllib.parse import urlsplit
 
 from zope.interface import implementer
 
-from keas.kmi import _kmi, interfaces
+from keas.kmi import _kmi, interfaces, lifecycle
+from keas.kmi.audit import requester
 from keas.kmi.store import open_store
 
 logger = logging.getLogger('kmi')
@@ -210,6 +211,13 @@ class KeyManagementFacility(EncryptionService):
     Wrapped DEKs are stored by the md5 hex digest of their KEK; the mapping
     API reaches them by that name. Unwrapped DEKs are cached for ``timeout``
     seconds, at most ``maxCachedKeys`` of them.
+
+    Each key has a state (``keas.kmi.lifecycle``), read again from the store
+    every ``stateRefresh`` seconds: a key suspended, compromised or destroyed
+    through one server is refused by every server within that time. With
+    ``deactivateAfter`` (seconds, a cryptoperiod) keys older than that are
+    deactivated. With ``audit`` (or ``auditing = True``) every change of a
+    key is written to the store's audit log before it is made.
     """
 
     timeout = 3600
@@ -222,6 +230,10 @@ class KeyManagementFacility(EncryptionService):
 
     maxCachedKeys = 10000
 
+    stateRefresh = 1.0
+    deactivateAfter = None
+    auditing = False
+
     # True while a class keeps our getEncryptionKey and _bytesToKey, so that
     # encrypt/decrypt may look the cipher up in Rust in one call.
     _native = True
@@ -232,26 +244,125 @@ class KeyManagementFacility(EncryptionService):
             cls.getEncryptionKey is KeyManagementFacility.getEncryptionKey
             and cls._bytesToKey is EncryptionService._bytesToKey)
 
-    def __init__(self, storage_dir, **store_options):
+    def __init__(self, storage_dir, audit=None, **store_options):
         self.storage_dir = storage_dir
         self.store = open_store(storage_dir, **store_options)
-        self._core = _kmi.Facility(self.maxCachedKeys)
+        if audit is not None:
+            self.auditing = bool(audit)
+        self._core = _kmi.Facility(self.maxCachedKeys, self.stateRefresh)
 
     def _fetch(self, name):
         """The wrapped DEK for a DEK that is not cached, and its key's state
         (Rust calls this)."""
-        wrapped = self.store.get(name)
+        try:
+            wrapped = self.store.get(name)
+        except KeyError:
+            if self.store.meta(name) is not None:  # its metadata outlived it
+                raise self._refuse(name, lifecycle.DESTROYED, False) from None
+            raise
         logger.info('Encryption key requested: %s', name)
         return wrapped, self._key_state(name)
 
     def _key_state(self, name):
-        """The state of key ``name`` now (Rust asks again every second)."""
-        return 'active'
+        """The state of key ``name`` now (Rust asks again every ``stateRefresh``)."""
+        meta = self.store.meta(name)
+        if meta is None:
+            return lifecycle.DESTROYED  # deleted since it was cached
+        state = lifecycle.effective_state(meta, self.deactivateAfter)
+        if state == lifecycle.DESTROYED and meta['state'] != lifecycle.DESTROYED:
+            self._expire(name, meta)  # a rewrap's grace period has ended
+        return state
 
     def _refuse(self, name, state, encrypting):
         """The exception for a use of key ``name`` its ``state`` does not allow."""
-        from keas.kmi.lifecycle import KeyStateError
-        return KeyStateError(name, state, 'encrypt' if encrypting else 'be used')
+        return lifecycle.KeyStateError(name, state, 'encrypt' if encrypting else 'be used')
+
+    # The key lifecycle.
+
+    def audit(self, event, name=None, outcome='ok', kid=None, sync=None):
+        """Log a key event (when auditing) for the requester of the
+        current request (``keas.kmi.audit.requester``)."""
+        if self.auditing:
+            self.store.audit(sync=sync, **self._audit_fields(event, name, outcome, kid))
+
+    def _audit_fields(self, event, name, outcome='ok', kid=None):
+        if not self.auditing:
+            return None
+        return dict(requester.get(), event=event, name=name, kid=kid, outcome=outcome)
+
+    def metadata(self, name):
+        """The metadata of key ``name`` with its state as it applies now
+        (``KeyError`` if there is no such key)."""
+        meta = self.store.meta(name)
+        if meta is None:
+            raise KeyError(name)
+        meta = dict(meta)
+        meta['stored_state'] = meta['state']
+        meta['state'] = lifecycle.effective_state(meta, self.deactivateAfter)
+        return meta
+
+    def change_state(self, name, state, reason):
+        """Move key ``name`` to ``state`` (deactivated, suspended, active from
+        suspended, compromised, destroyed), recording the date and ``reason``.
+        Destroying erases the wrapped DEK for good; the metadata stays."""
+        meta = self.store.meta(name)
+        if meta is None:
+            raise KeyError(name)
+        changed = lifecycle.transition(meta, state, reason)
+        fields = self._audit_fields('state', name, 'ok: %s -> %s' % (meta['state'], state),
+                                    meta.get('kid'))
+        if state == lifecycle.DESTROYED:
+            self.store.erase(name, changed, audit=fields)
+        else:
+            self.store.set_meta(name, changed, audit=fields)
+        self._core.forget(name)  # this process obeys at once; others within stateRefresh
+        logger.info('key %s: %s -> %s (%s)', name, meta['state'], state, reason)
+        return changed
+
+    def _expire(self, name, meta):
+        """Destroy a key whose grace period ended (best effort: it is refused anyway)."""
+        try:
+            changed = lifecycle.transition(meta, lifecycle.DESTROYED, 'grace period ended')
+            self.store.erase(name, changed, audit=self._audit_fields(
+                'state', name, 'ok: %s -> destroyed' % meta['state'], meta.get('kid')))
+        except (lifecycle.TransitionError, KeyError, OSError) as error:
+            logger.warning('key %s: could not erase it after its grace period: %s',
+                           name, error)
+        self._core.forget(name)
+
+    def rewrap(self, key, grace=None):
+        """A new KEK for the DEK of ``key``, the old KEK. Data under the DEK,
+        legacy and v2 alike, reads with the new KEK. The old entry is
+        destroyed, so that a leaked old KEK unlocks nothing; with ``grace``
+        (seconds) it is deactivated instead and destroyed after that time."""
+        old_name = _kmi.kek_name(key)
+        old_meta = self.store.meta(old_name)
+        if old_meta is None:
+            raise KeyError(old_name)
+        name, kek, wrapped, kid, fingerprint = self._core.rewrap(self, key)
+        state = old_meta['state']
+        meta = lifecycle.new_metadata(
+            name, kid, fingerprint, reason='rewrapped from %s' % old_name,
+            state=state if state in (lifecycle.ACTIVE, lifecycle.DEACTIVATED)
+            else lifecycle.ACTIVE, rewrapped_from=old_name)
+        self.store.add(name, wrapped, meta, audit=self._audit_fields(
+            'rewrap', name, 'ok: from %s' % old_name, kid.hex()))
+        reason = 'rewrapped to %s' % name
+        if grace:
+            until = lifecycle.now_iso(time.time() + float(grace))
+            changed = lifecycle.transition(old_meta, lifecycle.DEACTIVATED, reason) \
+                if old_meta['state'] == lifecycle.ACTIVE else dict(old_meta)
+            changed.update(destroy_after=until, rewrapped_to=name)
+            self.store.set_meta(old_name, changed, audit=self._audit_fields(
+                'state', old_name, 'ok: deactivated until %s' % until, kid.hex()))
+        else:
+            changed = lifecycle.transition(old_meta, lifecycle.DESTROYED, reason)
+            changed['rewrapped_to'] = name
+            self.store.erase(old_name, changed, audit=self._audit_fields(
+                'state', old_name, 'ok: %s -> destroyed' % old_meta['state'], kid.hex()))
+        self._core.forget(old_name)
+        logger.info('key %s rewrapped as %s', old_name, name)
+        return kek
 
     @property
     def __dek_cache(self):
@@ -294,7 +405,7 @@ class KeyManagementFacility(EncryptionService):
         logger.info('New key added (hash): %s', name)
 
     def __delitem__(self, name):
-        self.store.delete(name)
+        self.store.delete(name, audit=self._audit_fields('delete', name))
         self._core.forget(name)
         logger.info('Key removed (hash): %s', name)
 
@@ -305,7 +416,8 @@ class KeyManagementFacility(EncryptionService):
         name, kek, wrapped, kid, fingerprint = self._core.generate(
             self.rsaKeyLength, self.rsaKeyExponent,
             _passphrase(self.rsaPassphrase), self.keyLength)
-        self.store.add(name, wrapped)
+        self.store.add(name, wrapped, lifecycle.new_metadata(name, kid, fingerprint),
+                       audit=self._audit_fields('generate', name, kid=kid.hex()))
         logger.info('New key added (hash): %s', name)
         return kek
 

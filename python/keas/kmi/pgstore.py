@@ -49,6 +49,57 @@ MIGRATIONS = (
         created timestamptz NOT NULL DEFAULT now()
     )
     """,
+    # 2: key lifecycle (keas.kmi.lifecycle) and the audit log (keas.kmi.audit).
+    # A destroyed key keeps its row, without its wrapped DEK. The audit
+    # chain is extended only through audit_append, which runs as the owner
+    # (SECURITY DEFINER): a server role may append entries, not change them.
+    """
+    ALTER TABLE {schema}.keys
+        ALTER COLUMN wrapped DROP NOT NULL,
+        ADD COLUMN state text NOT NULL DEFAULT 'active' CHECK (state IN
+            ('active', 'deactivated', 'suspended', 'compromised', 'destroyed')),
+        ADD COLUMN kid bytea,
+        ADD COLUMN kek_fingerprint bytea,
+        ADD COLUMN transitions jsonb NOT NULL DEFAULT '[]',
+        ADD COLUMN details jsonb NOT NULL DEFAULT '{{}}',
+        ADD CONSTRAINT destroyed_keys_hold_no_dek
+            CHECK ((state = 'destroyed') = (wrapped IS NULL));
+    CREATE TABLE {schema}.audit (
+        seq bigint PRIMARY KEY,
+        prev text NOT NULL,
+        hash text NOT NULL,
+        fields text NOT NULL
+    );
+    CREATE TABLE {schema}.audit_head (
+        only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
+        seq bigint NOT NULL,
+        hash text NOT NULL
+    );
+    INSERT INTO {schema}.audit_head VALUES (true, 0, repeat('0', 64));
+    CREATE FUNCTION {schema}.audit_append(entry text, durable boolean)
+        RETURNS TABLE (seq bigint, hash text)
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE
+        next_seq bigint;
+        prev_hash text;
+        new_hash text;
+    BEGIN
+        IF NOT durable THEN
+            -- A fetch: committed without waiting for the WAL flush, which the
+            -- WAL writer does within wal_writer_delay (200 ms by default).
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        UPDATE {schema}.audit_head h SET seq = h.seq + 1
+            RETURNING h.seq, h.hash INTO next_seq, prev_hash;
+        new_hash := encode(sha256(convert_to(
+            prev_hash || E'\n' || next_seq::text || E'\n' || entry, 'UTF8')), 'hex');
+        UPDATE {schema}.audit_head h SET hash = new_hash;
+        INSERT INTO {schema}.audit VALUES (next_seq, prev_hash, new_hash, entry);
+        RETURN QUERY SELECT next_seq, new_hash;
+    END
+    $$;
+    REVOKE ALL ON FUNCTION {schema}.audit_append(text, boolean) FROM PUBLIC
+    """,
 )
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -164,12 +215,26 @@ def _statements(schema):
     s = sql.Identifier(schema)
     q = {
         'get': 'SELECT wrapped FROM {s}.keys WHERE name = %s',
-        'contains': 'SELECT 1 FROM {s}.keys WHERE name = %s',
-        'names': 'SELECT name FROM {s}.keys ORDER BY name',
-        'count': 'SELECT count(*) FROM {s}.keys',
-        'insert': 'INSERT INTO {s}.keys (name, wrapped) VALUES (%s, %s) '
-                  'ON CONFLICT (name) DO NOTHING',
+        'contains': 'SELECT 1 FROM {s}.keys WHERE name = %s AND wrapped IS NOT NULL',
+        'names': 'SELECT name FROM {s}.keys WHERE wrapped IS NOT NULL ORDER BY name',
+        'all_names': 'SELECT name FROM {s}.keys ORDER BY name',
+        'count': 'SELECT count(*) FROM {s}.keys WHERE wrapped IS NOT NULL',
+        'insert': 'INSERT INTO {s}.keys (name, wrapped, state, kid, kek_fingerprint, '
+                  'transitions, details, created) VALUES (%s, %s, %s, %s, %s, %s, %s, '
+                  'coalesce(%s::timestamptz, now())) ON CONFLICT (name) DO NOTHING',
         'delete': 'DELETE FROM {s}.keys WHERE name = %s',
+        'meta': "SELECT state, to_char(created AT TIME ZONE 'UTC', "
+                "'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"'), kid, kek_fingerprint, transitions, "
+                'details FROM {s}.keys WHERE name = %s',
+        'set_meta': 'UPDATE {s}.keys SET state = %s, transitions = %s, details = %s, '
+                    'kid = coalesce(kid, %s), kek_fingerprint = coalesce(kek_fingerprint, %s) '
+                    'WHERE name = %s',
+        'erase': 'UPDATE {s}.keys SET wrapped = NULL, state = %s, transitions = %s, '
+                 'details = %s WHERE name = %s',
+        'audit': 'SELECT seq, hash FROM {s}.audit_append(%s, %s)',
+        'audit_lines': 'SELECT seq, prev, hash, fields FROM {s}.audit WHERE seq > %s '
+                       'ORDER BY seq LIMIT 10000',
+        'audit_last': 'SELECT seq FROM {s}.audit_head',
     }
     return {k: sql.SQL(v).format(s=s) for k, v in q.items()}
 
@@ -443,6 +508,17 @@ def _check_name(name):
         raise KeyError('invalid key name %r' % (name,)) from None
 
 
+# The metadata fields that have columns; the rest is kept in `details`.
+_META_COLUMNS = ('name', 'state', 'created', 'kid', 'kek_fingerprint', 'transitions')
+
+
+def _meta_params(meta):
+    from psycopg.types.json import Jsonb
+    details = {k: v for k, v in meta.items() if k not in _META_COLUMNS}
+    hexes = [bytes.fromhex(meta[k]) if meta.get(k) else None for k in ('kid', 'kek_fingerprint')]
+    return meta['state'], Jsonb(meta.get('transitions', [])), Jsonb(details), hexes
+
+
 def _get(conn, q, name):
     row = conn.execute(q['get'], [name], binary=True).fetchone()
     return None if row is None else bytes(row[0])
@@ -485,18 +561,28 @@ class PostgresStore(KeyStore):
             raise KeyError(name)
         return wrapped
 
-    def add(self, name, wrapped):
+    def add(self, name, wrapped, meta=None, audit=None):
         _check_name(name)
         if not isinstance(wrapped, (bytes, bytearray, memoryview)):
             raise TypeError('a wrapped DEK is bytes, not %s' % type(wrapped).__name__)
         data = bytes(wrapped)
+        from keas.kmi.lifecycle import implicit_metadata
+        state, transitions, details, (kid, fingerprint) = _meta_params(
+            meta or implicit_metadata(name))
+        created = (meta or {}).get('created')
 
         def work(conn, q):
-            # In autocommit, the INSERT is its own transaction: committed
-            # (synchronous_commit on) when execute returns. Repeating it
-            # after a lost answer finds the same bytes: success.
+            # The INSERT and its audit entry are one transaction, committed
+            # (synchronous_commit on) when it ends. Repeating it after a lost
+            # answer finds the same bytes: success.
             for _ in range(3):
-                if conn.execute(q['insert'], [name, data]).rowcount == 1:
+                with conn.transaction():
+                    inserted = conn.execute(q['insert'], [
+                        name, data, state, kid, fingerprint, transitions, details,
+                        created]).rowcount == 1
+                    if inserted and audit is not None:
+                        self._append(conn, q, audit, True)
+                if inserted:
                     return True
                 stored = _get(conn, q, name)
                 if stored is not None:
@@ -508,10 +594,71 @@ class PostgresStore(KeyStore):
             raise KeyExistsError('a different key is stored under the name %s already; '
                                  'keys are written once' % name)
 
-    def delete(self, name):
+    def delete(self, name, audit=None):
         _check_name(name)
-        if not self._run(lambda conn, q: conn.execute(q['delete'], [name]).rowcount):
+
+        def work(conn, q):
+            with conn.transaction():
+                deleted = conn.execute(q['delete'], [name]).rowcount
+                if deleted and audit is not None:
+                    self._append(conn, q, audit, True)
+            return deleted
+        if not self._run(work):
             raise KeyError(name)
+
+    def meta(self, name):
+        try:
+            _check_name(name)
+        except KeyError:
+            return None
+        row = self._run(lambda conn, q: conn.execute(q['meta'], [name]).fetchone())
+        if row is None:
+            return None
+        state, created, kid, fingerprint, transitions, details = row
+        meta = dict(details or {})
+        meta.update(name=name, state=state, created=created,
+                    kid=bytes(kid).hex() if kid else None,
+                    kek_fingerprint=bytes(fingerprint).hex() if fingerprint else None,
+                    transitions=transitions or [])
+        return meta
+
+    def _update(self, statement, params, name, audit):
+        def work(conn, q):
+            with conn.transaction():
+                changed = conn.execute(q[statement], params).rowcount
+                if changed and audit is not None:
+                    self._append(conn, q, audit, True)
+            return changed
+        if not self._run(work):
+            raise KeyError(name)
+
+    def set_meta(self, name, meta, audit=None):
+        _check_name(name)
+        state, transitions, details, (kid, fingerprint) = _meta_params(meta)
+        self._update('set_meta', [state, transitions, details, kid, fingerprint, name],
+                     name, audit)
+
+    def erase(self, name, meta, audit=None):
+        _check_name(name)
+        state, transitions, details, _ = _meta_params(meta)
+        self._update('erase', [state, transitions, details, name], name, audit)
+
+    def meta_names(self):
+        return self._run(lambda conn, q: [r[0] for r in conn.execute(q['all_names'])])
+
+    @staticmethod
+    def _append(conn, q, fields, durable):
+        from keas.kmi.audit import entry_fields
+        seq, digest = conn.execute(q['audit'], [entry_fields(fields), durable]).fetchone()
+        return {'seq': seq, 'hash': digest}
+
+    def audit(self, sync=None, **fields):
+        from keas.kmi.audit import CHANGES
+        durable = fields.get('event') in CHANGES if sync is None else sync
+        return self._run(lambda conn, q: self._append(conn, q, fields, durable))
+
+    def audit_log(self):
+        return _DatabaseAuditLog(self)
 
     def close(self):
         if not self._closed:
@@ -521,3 +668,40 @@ class PostgresStore(KeyStore):
     def version(self):
         """The schema version in the database."""
         return self._run(lambda conn, q: schema_version(conn, self.schema))
+
+
+class _DatabaseAuditLog:
+    """The audit table, read as the file log is (for verify and tail)."""
+
+    def __init__(self, store):
+        self.store = store
+        self.path = '%s (table %s.audit)' % (store.location, store.schema)
+
+    def entries(self):
+        """(seq, entry dict or None, the hashed text) of every entry, in order."""
+        import json
+        after = 0
+        while True:
+            rows = self.store._run(
+                lambda conn, q: conn.execute(q['audit_lines'], [after]).fetchall())
+            if not rows:
+                return
+            for seq, prev, digest, fields in rows:
+                try:
+                    entry = json.loads(fields)
+                except ValueError:
+                    entry = None
+                if isinstance(entry, dict):
+                    entry.update(seq=seq, prev=prev, hash=digest)
+                else:
+                    entry = None
+                yield seq, entry, fields
+            after = rows[-1][0]
+
+    def verify(self):
+        from keas.kmi.audit import verify_entries
+        return verify_entries(self.entries())
+
+    def tail(self, count):
+        entries = [e for _, e, _ in self.entries() if e is not None]
+        return entries[-count:] if count else entries

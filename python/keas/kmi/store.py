@@ -8,6 +8,8 @@ a name that holds other bytes already is a ``KeyExistsError``, and a store
 that cannot be reached just now is a ``StoreUnavailable``.
 """
 import errno
+import json
+import os
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from keas.kmi import _kmi
@@ -101,16 +103,46 @@ class KeyStore:
         """The wrapped DEK stored under ``name``; ``KeyError`` if there is none."""
         raise NotImplementedError
 
-    def add(self, name, wrapped):
-        """Store ``wrapped`` under ``name`` durably before returning.
+    def add(self, name, wrapped, meta=None, audit=None):
+        """Store ``wrapped`` (and its ``meta``) under ``name`` durably before returning.
 
         Keys are written once: the same bytes again are success, other
         bytes under an existing name are ``KeyExistsError``.
         """
         raise NotImplementedError
 
-    def delete(self, name):
-        """Delete the key ``name``; ``KeyError`` if there is none."""
+    def delete(self, name, audit=None):
+        """Delete the key ``name`` and its metadata; ``KeyError`` if there is none."""
+        raise NotImplementedError
+
+    # Key metadata (keas.kmi.lifecycle) and the audit log (keas.kmi.audit).
+    # ``audit``: the fields of an audit entry that records the change; the
+    # store writes it before the change (in the same transaction where it
+    # can), so that no change is made that the log does not show.
+
+    def meta(self, name):
+        """The metadata of key ``name``; implicit (active) for a key stored
+        without; ``None`` when there is no such key."""
+        raise NotImplementedError
+
+    def set_meta(self, name, meta, audit=None):
+        """Replace the metadata of an existing key."""
+        raise NotImplementedError
+
+    def erase(self, name, meta, audit=None):
+        """Destroy key ``name``: erase its wrapped DEK, keep ``meta``."""
+        raise NotImplementedError
+
+    def meta_names(self):
+        """Every key with a wrapped DEK or metadata (destroyed ones too)."""
+        raise NotImplementedError
+
+    def audit(self, sync=None, **fields):
+        """Append an entry to the audit log (``AuditError`` if it cannot)."""
+        raise NotImplementedError
+
+    def audit_log(self):
+        """The log, for ``verify()`` and ``tail(n)``."""
         raise NotImplementedError
 
     def close(self):
@@ -135,24 +167,32 @@ def _plain_name(name):
 
 
 class DirectoryStore(KeyStore):
-    """A directory of ``<name>.dek`` files (created mode 0700 if missing).
+    """A directory of ``<name>.dek`` files (created mode 0700 if missing),
+    with ``<name>.meta`` metadata (JSON) beside them and the audit log in
+    ``audit.jsonl`` (or ``audit_log``, a path).
 
-    Each file is written to a temporary name, fsync'd, linked into place
-    (which fails rather than overwrite) and the directory fsync'd.
+    Each ``.dek`` file is written to a temporary name, fsync'd, linked into
+    place (which fails rather than overwrite) and the directory fsync'd;
+    ``.meta`` files the same way, but renamed (replacing the old one).
     """
 
-    def __init__(self, location):
+    def __init__(self, location, audit_log=None):
         self.location = location
         try:
             self._dir = _kmi.DekStore(location)
         except OSError as error:
             raise unavailable(error, location)
+        from keas.kmi.audit import FileAuditLog
+        self._audit = FileAuditLog(audit_log or os.path.join(location, 'audit.jsonl'))
 
-    def names(self):
+    def _io(self, call, *args):
         try:
-            return self._dir.names()
+            return call(*args)
         except OSError as error:
             raise unavailable(error, self.location)
+
+    def names(self):
+        return self._io(self._dir.names)
 
     def __contains__(self, name):
         return _plain_name(name) and self._dir.contains(name)
@@ -160,25 +200,94 @@ class DirectoryStore(KeyStore):
     def get(self, name):
         if not _plain_name(name):
             raise KeyError(name)
-        try:
-            return self._dir.get(name)
-        except OSError as error:
-            raise unavailable(error, self.location)
+        return self._io(self._dir.get, name)
 
-    def add(self, name, wrapped):
+    def _audited(self, audit, change):
+        """Log ``audit`` (fsync'd), then make ``change``; if that fails, log
+        the failure too (best effort: the first entry was the promise)."""
+        if audit is None:
+            return change()
+        self.audit(**audit)
+        try:
+            return change()
+        except Exception as error:
+            try:
+                self.audit(**dict(audit, outcome='failed: %s' % one_line(error)))
+            except OSError:
+                pass
+            raise
+
+    def add(self, name, wrapped, meta=None, audit=None):
         if not _plain_name(name):
             raise KeyError('invalid key name %r' % (name,))
         if isinstance(wrapped, (bytearray, memoryview)):
             wrapped = bytes(wrapped)
-        try:
-            self._dir.put(name, wrapped)
-        except OSError as error:
-            raise unavailable(error, self.location)
 
-    def delete(self, name):
+        def change():
+            self._io(self._dir.put, name, wrapped)
+            if meta is not None:
+                self._io(self._dir.put_meta, name, _dump_meta(meta))
+        self._audited(audit, change)
+
+    def delete(self, name, audit=None):
         if not _plain_name(name):
             raise KeyError(name)
-        try:
-            self._dir.remove(name)
-        except OSError as error:
-            raise unavailable(error, self.location)
+        self._audited(audit, lambda: self._io(self._dir.remove, name, True))
+
+    def meta(self, name):
+        if not _plain_name(name):
+            return None
+        data = self._io(self._dir.get_meta, name)
+        if data is not None:
+            return _load_meta(name, data)
+        if not self._dir.contains(name):
+            return None
+        from keas.kmi.lifecycle import implicit_metadata, now_iso
+        created = os.stat(os.path.join(self.location, name + '.dek')).st_mtime
+        return implicit_metadata(name, now_iso(created))
+
+    def set_meta(self, name, meta, audit=None):
+        if self.meta(name) is None:
+            raise KeyError(name)
+        self._audited(audit, lambda: self._io(self._dir.put_meta, name, _dump_meta(meta)))
+
+    def erase(self, name, meta, audit=None):
+        if self.meta(name) is None:
+            raise KeyError(name)
+
+        def change():
+            # The metadata says "destroyed" first: a crash in between leaves
+            # a key that is refused, never one that is served.
+            self._io(self._dir.put_meta, name, _dump_meta(meta))
+            try:
+                self._io(self._dir.remove, name, False)
+            except KeyError:
+                pass  # erased already
+        self._audited(audit, change)
+
+    def meta_names(self):
+        return sorted(set(self.names()) | set(self._io(self._dir.meta_names)))
+
+    def audit(self, sync=None, **fields):
+        return self._audit.append(sync=sync, **fields)
+
+    def audit_log(self):
+        return self._audit
+
+    def close(self):
+        self._audit.close()
+
+
+def _dump_meta(meta):
+    return json.dumps(meta, sort_keys=True, indent=1).encode('utf-8')
+
+
+def _load_meta(name, data):
+    try:
+        meta = json.loads(data)
+        if not isinstance(meta, dict) or 'state' not in meta:
+            raise ValueError('no state')
+    except ValueError as error:
+        raise ValueError('key %s: its metadata cannot be read (%s)' % (name, error)) from None
+    meta.setdefault('name', name)
+    return meta
