@@ -101,12 +101,6 @@ impl Facility {
         }
     }
 
-    /// Whether a fresh DEK for `kek` is cached: a `dek` call would then
-    /// neither read the store nor unwrap.
-    pub fn is_cached(&self, kek: &[u8], timeout: f64) -> bool {
-        self.lookup(kek, timeout).is_some()
-    }
-
     /// The unwrapped DEK for `kek`, from the cache if fresh, else from the store.
     /// Returns the DEK and whether it was fetched from the store (to log it).
     pub fn dek(
@@ -256,10 +250,7 @@ mod tests {
         let (name, pem) = f.generate(1024, 65537, POLICY.passphrase, 64).unwrap();
         assert_eq!(name, kek_name(&pem));
         assert_eq!(f.store().get(&name).unwrap().len(), 128);
-        assert!(!f.is_cached(&pem, POLICY.timeout));
         let (dek, fetched) = f.dek(&pem, &POLICY).unwrap();
-        assert!(f.is_cached(&pem, POLICY.timeout));
-        assert!(!f.is_cached(&pem, 0.0), "older than a zero timeout");
         assert_eq!(dek.len(), 64);
         assert_eq!(fetched.as_deref(), Some(name.as_str()));
         let (again, fetched) = f.dek(&pem, &POLICY).unwrap();

@@ -400,11 +400,6 @@ impl Facility {
         Ok((name, PyBytes::new(py, &pem)))
     }
 
-    /// Whether the DEK for a KEK is cached and younger than `timeout` seconds.
-    fn is_cached(&self, kek: &Bound<'_, PyAny>, timeout: f64) -> PyResult<bool> {
-        Ok(self.inner.is_cached(&bytes_like(kek, "key")?, timeout))
-    }
-
     /// The DEK for a KEK, cached for `timeout` seconds.
     fn dek<'py>(
         &self,

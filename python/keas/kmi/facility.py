@@ -6,6 +6,7 @@ DEKs in a storage directory and unwraps them on request.
 KEKs and DEKs over HTTP(S) and encrypts locally. Both delegate the
 cryptography to ``keas.kmi._kmi``.
 """
+import contextvars
 import http.client
 import logging
 import ssl
@@ -18,6 +19,10 @@ from zope.interface import implementer
 from keas.kmi import _kmi, interfaces
 
 logger = logging.getLogger('kmi')
+
+# True while the key server (keas.kmi.wsgi) handles a request: it logs each
+# key event itself, with the client's address, in place of the lines below.
+logged_by_server = contextvars.ContextVar('logged_by_server', default=False)
 
 DEFAULT_CHUNKSIZE = 24 * 1024
 
@@ -77,7 +82,8 @@ class EncryptionService(object):
 
 
 def _log_fetch(name):
-    logger.info('Encryption key requested: %s', name)
+    if not logged_by_server.get():
+        logger.info('Encryption key requested: %s', name)
 
 
 class _DekCacheView(Mapping):
@@ -196,7 +202,8 @@ class KeyManagementFacility(EncryptionService):
         name, kek = self._core.generate(
             self.rsaKeyLength, self.rsaKeyExponent,
             _passphrase(self.rsaPassphrase), self.keyLength)
-        logger.info('New key added (hash): %s', name)
+        if not logged_by_server.get():
+            logger.info('New key added (hash): %s', name)
         return kek
 
     def getEncryptionKey(self, key):

@@ -6,8 +6,6 @@ routes ``GET /``, ``POST /new`` and ``POST /key`` to the views in
 answer. ``python -m keas.kmi.wsgi server.ini`` serves it with gunicorn using the
 ``[server:main]`` settings of the file (what ``make serve`` runs).
 """
-import argparse
-import configparser
 import errno
 import logging
 import os
@@ -18,6 +16,7 @@ from webob import Request
 from webob import Response
 
 from keas.kmi import _kmi, rest
+from keas.kmi.facility import logged_by_server
 
 log = logging.getLogger('kmi')
 
@@ -51,20 +50,16 @@ class KeyManagementApplication:
         self.facility = facility
         self.max_kek_size = max_kek_size
 
-    def inline_request(self, environ):
-        """Whether an event-loop server (keas.kmi.worker) may answer this
-        request on its loop thread rather than in its thread pool: only
-        ``POST /key`` for a KEK whose DEK our facility has cached, which takes
-        microseconds. Called once the body is read into ``wsgi.input``."""
-        if environ.get('PATH_INFO') != '/key' or environ.get('REQUEST_METHOD') != 'POST':
-            return False
-        getvalue = getattr(environ.get('wsgi.input'), 'getvalue', None)
-        facility = self.facility
-        if getvalue is None or not getattr(facility, '_native', False):
-            return False  # a facility of another kind may do I/O for any key
-        return facility._core.is_cached(getvalue(), facility.timeout)
-
     def __call__(self, environ, start_response):
+        # This application logs each key event itself, with the client's
+        # address; the facility's own line for it would say it twice.
+        token = logged_by_server.set(True)
+        try:
+            return self.respond(environ, start_response)
+        finally:
+            logged_by_server.reset(token)
+
+    def respond(self, environ, start_response):
         if (environ.get('PATH_INFO') == '/key'
                 and environ.get('REQUEST_METHOD') == 'POST'
                 and environ.get('CONTENT_LENGTH')):
@@ -196,82 +191,8 @@ def application_factory(global_config, **settings):
     return KeyManagementApplication(KeyManagementFacility(storage_dir))
 
 
-# The launcher ---------------------------------------------------------------
-#
-# `gunicorn --paste server.ini` reads only the application from the file and
-# ignores [server:main] (address, TLS), and PasteDeploy's own server loading
-# builds the application once in the master process before gunicorn forks.
-# This launcher takes the gunicorn settings from [server:main] and lets each
-# worker load the application, exactly as `gunicorn --paste` does.
-
-
-def server_settings(config_file, host=None, port=None):
-    """The gunicorn settings of the file's ``[server:main]`` section."""
-    from paste.deploy import loadwsgi
-
-    context = loadwsgi.loadcontext(loadwsgi.SERVER, 'config:' + config_file)
-    settings = dict(context.local_conf)
-    # gunicorn's own PasteDeploy runner turns host and port into bind, too.
-    host = host or settings.pop('host', None)
-    port = port or settings.pop('port', None)
-    for name in ('host', 'port'):
-        settings.pop(name, None)
-    if host and port:
-        settings['bind'] = '%s:%s' % (host, port)
-    elif host or port:
-        raise ValueError('[server:main] needs both host and port')
-    return settings
-
-
-def has_logging_config(config_file):
-    parser = configparser.ConfigParser()
-    parser.read(config_file)
-    return parser.has_section('loggers')
-
-
-def serve(config_file, host=None, port=None):
-    """Run gunicorn in the foreground with the settings in ``config_file``."""
-    from gunicorn.app.base import BaseApplication
-    from paste.deploy import loadapp
-
-    config_file = os.path.abspath(config_file)
-    settings = server_settings(config_file, host, port)
-
-    class Server(BaseApplication):
-        def load_config(self):
-            self.cfg.set('default_proc_name', 'kmi: ' + config_file)
-            if has_logging_config(config_file):
-                self.cfg.set('logconfig', config_file)
-            for name, value in settings.items():
-                self.cfg.set(name.lower().replace('-', '_'), value)
-
-        def load(self):
-            return loadapp('config:' + config_file)
-
-    Server().run()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='python -m keas.kmi.wsgi',
-        description='Serve the key management server with gunicorn, using the '
-        '[app:main] and [server:main] sections of a PasteDeploy file.',
-    )
-    parser.add_argument('config', help='the .ini file, e.g. server.ini')
-    parser.add_argument('--host', help='listen on this address instead')
-    parser.add_argument('--port', help='listen on this port instead')
-    args = parser.parse_args(argv)
-    if not os.path.exists(args.config):
-        parser.error('%s: no such file' % args.config)
-    try:
-        serve(args.config, args.host, args.port)
-    except (AttributeError, LookupError, ValueError) as error:
-        # Unknown gunicorn settings or a broken [server:main] section.
-        parser.exit(1, '%s: %s\n' % (args.config, error))
-
-
 if __name__ == '__main__':
-    # Run the imported module's main, not a second copy of this file's code.
-    from keas.kmi.wsgi import main as _main
+    # `python -m keas.kmi.wsgi server.ini`: the launcher of keas.kmi.server.
+    from keas.kmi.server import main
 
-    sys.exit(_main())
+    sys.exit(main())
