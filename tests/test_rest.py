@@ -148,6 +148,27 @@ def test_new_creates_a_key_and_logs_its_name_and_the_client(app, master, caplog)
     assert b'PRIVATE' not in record.getMessage().encode()
 
 
+def test_one_log_line_per_key_event(tmp_path, caplog):
+    """The application logs each key event once, with the client; used on its
+    own, the facility keeps its original lines."""
+    facility = KeyManagementFacility(str(tmp_path / 'keys'))
+    app = wsgi.KeyManagementApplication(facility)
+    caplog.set_level(logging.INFO, logger='kmi')
+    kek = call(app, '/new', method='POST', body=b'').body
+    call(app, '/key', method='POST', body=kek)
+    wsgi_lines = [r.getMessage() for r in caplog.records if r.name == 'kmi']
+    name = md5hex(kek)
+    assert wsgi_lines == ['created key %s for %s' % (name, CLIENT),
+                          'data key %s for %s: sent' % (name, CLIENT)]
+    caplog.clear()
+    other = KeyManagementFacility(str(tmp_path / 'keys'))
+    kek2 = other.generate()
+    other.getEncryptionKey(kek2)
+    assert [r.getMessage() for r in caplog.records if r.name == 'kmi'] == [
+        'New key added (hash): %s' % md5hex(kek2),
+        'Encryption key requested: %s' % md5hex(kek2)]
+
+
 def test_key_returns_the_dek_and_logs_without_key_material(app, master, caplog):
     caplog.set_level(logging.INFO, logger='kmi')
     kek = master.test_keks[1]

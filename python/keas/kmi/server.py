@@ -316,6 +316,15 @@ def setup_logging(config_file):
                                   disable_existing_loggers=False)
 
 
+def server_settings(config_file):
+    """The ``[server:main]`` settings of ``config_file`` as PasteDeploy reads
+    them: strings, with ``%(here)s`` filled in."""
+    from paste.deploy import loadwsgi
+
+    context = loadwsgi.loadcontext(loadwsgi.SERVER, 'config:' + os.path.abspath(config_file))
+    return dict(context.local_conf)
+
+
 def run(config_file, host=None, port=None):
     """The ``[app:main]`` of ``config_file`` served by its ``[server:main]``."""
     from paste.deploy import loadapp, loadwsgi
@@ -350,8 +359,8 @@ def main(argv=None):
         parser.error('%s: no such file' % args.config)
     try:
         run(args.config, args.host, args.port)
-    except (LookupError, ValueError, OSError, ImportError) as error:
-        # A broken section, a bad setting, a missing file, a busy port.
+    except (LookupError, ValueError, OSError, ImportError, configparser.Error) as error:
+        # A broken file or section, a bad setting, a missing file, a busy port.
         parser.exit(1, '%s: %s\n' % (args.config, error))
     except KeyboardInterrupt:
         return 0
