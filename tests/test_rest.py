@@ -275,6 +275,17 @@ def test_declared_length_over_the_limit_is_refused_before_reading():
     assert stream.requested == 0
 
 
+def test_a_body_that_ends_early_is_no_key_request(caplog):
+    # What a server hands over when the client hangs up in the middle of its body.
+    facility = StubFacility()
+    request = Request.blank('/key', method='POST', remote_addr=CLIENT)
+    request.environ.update({'wsgi.input': io.BytesIO(b'-----BEGIN'), 'CONTENT_LENGTH': '1700'})
+    response = request.get_response(wsgi.KeyManagementApplication(facility))
+    assert response.status_code == 400
+    assert facility.lookups == []
+    assert 'the body ended after 10 of 1700 bytes' in caplog.text
+
+
 def test_chunked_body_read_is_capped():
     stream = EndlessInput()
     request = Request.blank('/key', method='POST', remote_addr=CLIENT)

@@ -317,6 +317,7 @@ def test_full_disk_answers_503_and_leaves_nothing_behind(full_disk_server):
 # 3. Slow and idle clients ------------------------------------------------------------
 
 SLOW_CLIENTS = 300  # TLS done, then the request line and headers a byte every half second
+SLOW_BODIES = 100  # headers at once, then the body of POST /key a byte every half second
 IDLE_TLS = 20  # TLS done, then nothing at all
 IDLE_TCP = 20  # connected, not even a TLS handshake
 TRICKLE_INTERVAL = 0.5
@@ -355,13 +356,17 @@ def test_slow_and_idle_clients_do_not_delay_normal_ones(slow_server, pki):
         idle_tcp = [socket.create_connection(('127.0.0.1', srv.port), timeout=10)
                     for _ in range(IDLE_TCP)]
         sockets += idle_tcp
-        idle_tls, slow = [], []
-        for group, count in ((idle_tls, IDLE_TLS), (slow, SLOW_CLIENTS)):
+        idle_tls, slow, bodies = [], [], []
+        for group, count in ((idle_tls, IDLE_TLS), (slow, SLOW_CLIENTS),
+                             (bodies, SLOW_BODIES)):
             for _ in range(count):
                 raw = socket.create_connection(('127.0.0.1', srv.port), timeout=10)
                 sockets.append(raw)
                 group.append(context.wrap_socket(raw, server_hostname='localhost'))
                 sockets.append(group[-1])
+        for tls in bodies:
+            tls.sendall(b'POST /key HTTP/1.1\r\nHost: localhost\r\n'
+                        b'Content-Length: 60000\r\n\r\n')
         opened = time.monotonic()
 
         stop = threading.Event()
@@ -377,6 +382,12 @@ def test_slow_and_idle_clients_do_not_delay_normal_ones(slow_server, pki):
                     except OSError:
                         alive.remove(tls)
                         cut_off.append(time.monotonic() - opened)
+                for tls in bodies:
+                    # granian sets no time limit on a body: these stay open.
+                    try:
+                        tls.sendall(b'x')
+                    except OSError:
+                        pass
                 sent[0] = index + 1
                 if not alive or stop.wait(TRICKLE_INTERVAL):
                     return
@@ -413,10 +424,10 @@ def test_slow_and_idle_clients_do_not_delay_normal_ones(slow_server, pki):
         finally:
             stop.set()
             trickler.join(30)
-        print('\n%d trickling, %d idle TLS and %d idle TCP connections: %d normal requests, '
-              '%d errors; latency median %.3f s, max %.3f s; the trickling ones closed after '
-              '%.1f-%.1f s (header read timeout %.0f s)'
-              % (SLOW_CLIENTS, IDLE_TLS, IDLE_TCP, len(latencies), len(errors),
+        print('\n%d trickling headers, %d trickling bodies, %d idle TLS and %d idle TCP '
+              'connections: %d normal requests, %d errors; latency median %.3f s, max %.3f s; '
+              'the trickling headers closed after %.1f-%.1f s (header read timeout %.0f s)'
+              % (SLOW_CLIENTS, SLOW_BODIES, IDLE_TLS, IDLE_TCP, len(latencies), len(errors),
                  sorted(latencies)[len(latencies) // 2], max(latencies),
                  min(cut_off or [0]), max(cut_off or [0]), header_timeout))
         assert errors == []

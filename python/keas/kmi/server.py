@@ -269,6 +269,16 @@ def _propagating_granian_logs():
     }
 
 
+class _DeliberateThreads(logging.Filter):
+    """granian warns when a worker may start more than two threads per core.
+    Here that is deliberate (server.ini): granian has no time limit for
+    request bodies, and a thread waiting for a slow client's body holds no
+    GIL, so each connection may have one."""
+
+    def filter(self, record):
+        return 'Python threads, which seems quite high' not in record.getMessage()
+
+
 def serve(app, options):
     """Run granian in the foreground with ``options`` (``granian_options``)
     until it is stopped (SIGINT or SIGTERM). Each worker is a fork of this
@@ -295,6 +305,7 @@ def serve(app, options):
     server = Server(
         'keas.kmi.wsgi:KeyManagementApplication', interface=Interfaces.WSGI,
         websockets=False, **options)
+    logging.getLogger('_granian').addFilter(_DeliberateThreads())
     server.serve(target_loader=lambda: app, wrap_loader=False)
 
 

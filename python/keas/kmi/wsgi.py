@@ -91,10 +91,19 @@ class KeyManagementApplication:
             return _plain(413, 'Request body too large',
                           [('Connection', 'close')])(environ, start_response)
         kek = environ['wsgi.input'].read(length)
+        if len(kek) < length:
+            return self.incomplete(client, len(kek), length)(environ, start_response)
         status, body = self.answer_key(kek, client)
         start_response(status, [('Content-Type', 'text/plain'),
                                 ('Content-Length', str(len(body)))])
         return [body]
+
+    @staticmethod
+    def incomplete(client, received, length):
+        """A body that ended early (the client went away): no key request."""
+        log.warning('refused a key request from %s: the body ended after %d of %d bytes',
+                    client, received, length)
+        return _plain(400, 'Incomplete request body', [('Connection', 'close')])
 
     def answer_key(self, kek, client):
         """(status, body) for a DEK request, logged by the KEK's name."""
