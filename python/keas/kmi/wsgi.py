@@ -23,6 +23,20 @@ log = logging.getLogger('kmi')
 # A KEK is a PEM-armoured RSA key: a few KiB even for 16384-bit keys.
 MAX_KEK_SIZE = 64 * 1024
 
+# A body over MAX_KEK_SIZE is still read, and dropped, up to this size before
+# the 413 goes out: a server that closes a connection with request bytes
+# unread makes the kernel reset it, and a client still sending its body
+# (wget does) may then lose the answer.
+DRAIN_LIMIT = 1024 * 1024
+
+
+def _drain(stream, size):
+    while size > 0:
+        chunk = stream.read(min(size, 64 * 1024))
+        if not chunk:
+            return
+        size -= len(chunk)
+
 
 # The name the storage directory knows a KEK by: md5 hex of its bytes.
 key_name = _kmi.kek_name
@@ -88,6 +102,8 @@ class KeyManagementApplication:
         if not 0 <= length <= self.max_kek_size:
             log.warning('refused a key request from %s: body of %s bytes',
                         client, environ['CONTENT_LENGTH'])
+            if length <= DRAIN_LIMIT:
+                _drain(environ['wsgi.input'], length)
             return _plain(413, 'Request body too large',
                           [('Connection', 'close')])(environ, start_response)
         kek = environ['wsgi.input'].read(length)
@@ -172,7 +188,10 @@ class KeyManagementApplication:
         if request.environ.get('wsgi.input_terminated'):
             # A chunked body: the server ends the stream, we cap the read.
             data = body.read(limit + 1)
-            return None if len(data) > limit else data
+            if len(data) <= limit:
+                return data
+            _drain(body, DRAIN_LIMIT - len(data))
+            return None
         return b''
 
 
