@@ -686,6 +686,21 @@ def test_launcher_honours_mutual_tls_lines_of_server_ini(tmp_path, pki):
         srv.stop()
 
 
+def test_what_pip_installs():
+    """`pip install keas.kmi gunicorn` is enough for `gunicorn --paste`
+    (PasteDeploy comes with the package); granian is the server extra."""
+    from importlib.metadata import entry_points, requires
+
+    needs = requires('keas.kmi')
+    plain = {re.split(r'[ ;<>=!\[]', r)[0].lower() for r in needs if 'extra ==' not in r}
+    assert 'pastedeploy' in plain and 'granian' not in plain and 'gunicorn' not in plain
+    assert any(r.lower().startswith('granian') and re.search(r'extra == .server.', r)
+               for r in needs)
+    (runner,) = [e for e in entry_points(group='paste.server_runner')
+                 if e.name == 'granian' and e.dist.name == 'keas.kmi']
+    assert runner.load() is launcher.server_runner
+
+
 # gunicorn, for those who run it ---------------------------------------------------
 
 
