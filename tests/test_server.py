@@ -528,6 +528,7 @@ def test_server_ini_settings():
     assert options['http1_settings']['keep_alive'] is True
     assert options['backlog'] >= 128 and options['backpressure'] >= 300
     assert options['http'] == '1' and options['respawn_failed_workers'] is True
+    assert options['workers_kill_timeout'] == 10
 
 
 def test_granian_options_defaults_and_errors(tmp_path):
@@ -666,6 +667,19 @@ def test_a_killed_worker_is_started_again(tmp_path, pki):
         assert srv.process.poll() is None
     finally:
         srv.stop()
+
+
+def test_shutdown_is_not_held_by_a_body_that_never_ends(tmp_path, pki):
+    srv = kms(tmp_path, pki, tmp_path / 'keys', workers_kill_timeout=2)
+    with tls_connect(srv) as sock:
+        sock.sendall(b'POST /key HTTP/1.1\r\nHost: x\r\nContent-Length: 60000\r\n\r\nab')
+        time.sleep(0.5)
+        started = time.monotonic()
+        srv.process.send_signal(signal.SIGINT)
+        srv.process.wait(30)
+        assert time.monotonic() - started < 15
+    srv.stop()
+    assert 'Traceback' not in srv.log()
 
 
 def test_launcher_honours_mutual_tls_lines_of_server_ini(tmp_path, pki):

@@ -37,6 +37,10 @@ DEFAULTS = {
     'http': '1',
     # A killed or crashed worker is started again, as gunicorn would.
     'respawn_failed_workers': 'true',
+    # On SIGINT or SIGTERM, a worker still busy after this many seconds is
+    # killed: a request whose body never ends would otherwise hold the
+    # shutdown forever (granian waits without a limit).
+    'workers_kill_timeout': '10',
 }
 
 
