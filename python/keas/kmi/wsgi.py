@@ -1,10 +1,11 @@
-"""The key management server as a WSGI application, and a launcher for it.
+"""The key management server as a WSGI application.
 
 ``application_factory`` is the PasteDeploy entry point (``egg:keas.kmi``): it
 routes ``GET /``, ``POST /new`` and ``POST /key`` to the views in
 ``keas.kmi.rest`` and turns everything that goes wrong into a short plain-text
-answer. ``python -m keas.kmi.wsgi server.ini`` serves it with gunicorn using the
-``[server:main]`` settings of the file (what ``make serve`` runs).
+answer. ``python -m keas.kmi.wsgi server.ini`` (what ``make serve`` runs)
+serves it with the server of the file's ``[server:main]``: granian, through
+``keas.kmi.server``.
 """
 import errno
 import logging
