@@ -37,7 +37,7 @@ $(VENV)/bin/python:
 	$(VENV)/bin/pip install --quiet --upgrade pip
 
 $(VENV)/.built: $(VENV)/bin/python $(SOURCES)
-	$(VENV)/bin/pip install --quiet -e '.[test]'
+	$(VENV)/bin/pip install --quiet -e '.[test,server]'
 	touch $@
 
 # keas.kmi 3.3.0 with pycryptodome: the reference the differential tests and benchmarks run against.
@@ -54,18 +54,19 @@ $(ZODB64)/.built: $(VENV)/.built
 	touch $@
 
 ## make certs: a self-signed certificate and key for localhost (never committed)
+# The key is PKCS#8 (BEGIN PRIVATE KEY), the only form granian reads.
 certs: $(CERTS)/sample.crt
 
 $(CERTS)/sample.crt:
 	mkdir -p $(CERTS)
-	openssl req -x509 -newkey rsa:2048 -nodes -days 365 -subj /CN=localhost \
-	  -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
-	  -keyout $(CERTS)/sample.key -out $(CERTS)/sample.crt 2>/dev/null
-	chmod 600 $(CERTS)/sample.key
+	(umask 077 && openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 \
+	  -out $(CERTS)/sample.key 2>/dev/null)
+	openssl req -x509 -key $(CERTS)/sample.key -days 365 -subj /CN=localhost \
+	  -addext 'subjectAltName=DNS:localhost,IP:127.0.0.1' -out $(CERTS)/sample.crt
 	cp $(CERTS)/sample.crt sample.crt
 
 ## make serve: the key server on https://localhost:8080, in the foreground (Ctrl-C stops it)
-# Address, TLS files, workers and the key directory come from $(SERVER_INI);
+# granian serves it; address, TLS files, workers and the key directory come from $(SERVER_INI);
 # HOST=... or PORT=... on the command line override its address.
 SERVER_INI ?= server.ini
 SERVE_ARGS = $(if $(filter-out file default,$(origin HOST)),--host $(HOST)) \

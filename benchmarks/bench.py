@@ -16,6 +16,7 @@ is printed and written to ``benchmarks/results/<date>-<short sha>.txt``
 live in ``benchmarks/work/`` (git-ignored). GB/s means 10^9 bytes per second,
 as ``openssl speed`` counts.
 """
+import configparser
 import datetime
 import hashlib
 import http.client
@@ -27,6 +28,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import statistics
 import struct
 import subprocess
@@ -834,56 +836,147 @@ class Bench:
 
     # -- WSGI ----------------------------------------------------------------
 
-    def shipped_worker_args(self):
-        """gunicorn flags for the worker settings of our server.ini (what
-        `make serve` runs): worker class, threads, keep-alive."""
-        from keas.kmi.wsgi import server_settings
-        settings = server_settings(os.path.join(ROOT, 'server.ini'))
-        flags = {'worker_class': '-k', 'threads': '--threads', 'keepalive': '--keep-alive'}
-        args = []
-        for name, flag in flags.items():
-            if name in settings:
-                args += [flag, str(settings[name])]
-        return args
+    # The commit before granian: the last one with the event-loop gunicorn worker.
+    EVENT_WORKER_COMMIT = '443bb0c'
 
-    def start_server(self, side, store, worker_args=(), name=None):
-        venv_bin = os.path.dirname(PYTHONS[side])
-        gunicorn = os.path.join(venv_bin, 'gunicorn')
-        if not os.path.exists(gunicorn):
-            raise RuntimeError('no gunicorn in %s (pip install gunicorn)' % venv_bin)
-        name = name or side
-        ini = os.path.join(RUN, 'wsgi-%s.ini' % name)
-        with open(ini, 'w') as f:
-            f.write('[app:main]\nuse = call:keas.kmi.wsgi:application_factory\n'
-                    'storage-dir = %s\n' % store.replace('%', '%%'))
-        port = free_port()
-        errlog = open(os.path.join(WORK, 'gunicorn-%s.log' % name), 'w')
+    def tls_pair(self):
+        """A self-signed certificate and PKCS#8 key for 127.0.0.1, in RUN."""
+        crt, key = os.path.join(RUN, 'bench.crt'), os.path.join(RUN, 'bench.key')
+        if not os.path.exists(crt):
+            run(['openssl', 'genpkey', '-algorithm', 'RSA', '-pkeyopt',
+                 'rsa_keygen_bits:2048', '-out', key])
+            run(['openssl', 'req', '-x509', '-key', key, '-days', '2', '-subj',
+                 '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost,IP:127.0.0.1',
+                 '-out', crt])
+        return crt, key
+
+    @staticmethod
+    def server_ini_sections():
+        """server.ini's [server:main] settings and its logging sections (text)."""
+        parser = configparser.RawConfigParser()
+        path = os.path.join(ROOT, 'server.ini')
+        parser.read(path)
+        with open(path) as f:
+            text = f.read()
+        return dict(parser.items('server:main')), text[text.index('[loggers]'):]
+
+    def write_ini(self, name, app_use, store, server=None, app_settings=None):
+        """[app:main] over ``store`` (and ``app_settings``), a [server:main] if
+        given, and server.ini's logging (the kmi log on standard error), as
+        `make serve` logs."""
+        _, logging_sections = self.server_ini_sections()
+        lines = ['[app:main]', 'use = %s' % app_use, 'storage-dir = %s' % store]
+        lines += ['%s = %s' % kv for kv in (app_settings or {}).items()] + ['']
+        if server:
+            lines += ['[server:main]'] + ['%s = %s' % kv for kv in server.items()] + ['']
+        path = os.path.join(RUN, '%s.ini' % name)
+        with open(path, 'w') as f:
+            f.write('\n'.join(lines) + '\n' + logging_sections)
+        return path
+
+    def start_server(self, name, command, port, tls=False, pythonpath=None):
+        """Start ``command`` (a server on 127.0.0.1:port) and wait for GET /."""
+        errlog = open(os.path.join(WORK, 'server-%s.log' % name), 'w')
         env = dict(os.environ)
         env.pop('PYTHONPATH', None)
-        proc = subprocess.Popen(
-            [gunicorn, '-w', '2', *worker_args, '-b', '127.0.0.1:%d' % port,
-             '--paste', ini],
-            stdout=errlog, stderr=errlog, cwd=RUN, env=env,
-            start_new_session=True)
+        if pythonpath:
+            env['PYTHONPATH'] = pythonpath
+        env['XDG_RUNTIME_DIR'] = RUN  # gunicorn >= 25 puts a control socket there
+        proc = subprocess.Popen(command, stdout=errlog, stderr=errlog, cwd=RUN, env=env,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
         self.servers.append(proc)
         deadline = time.time() + 60
         while True:
             if proc.poll() is not None:
-                raise RuntimeError('gunicorn for %s exited (%s); see %s'
-                                   % (side, proc.returncode, errlog.name))
+                raise RuntimeError('the %s server exited (%s); see %s'
+                                   % (name, proc.returncode, errlog.name))
             try:
-                conn = http.client.HTTPConnection('127.0.0.1', port, timeout=5)
+                conn = self.connection(port, tls, timeout=5)
                 conn.request('GET', '/')
                 resp = conn.getresponse()
                 resp.read()
                 conn.close()
                 if resp.status == 200:
-                    return proc, port
-            except OSError:
+                    return port
+            except (OSError, http.client.HTTPException):
                 pass
             if time.time() > deadline:
-                raise RuntimeError('gunicorn for %s did not answer GET /' % side)
+                raise RuntimeError('the %s server did not answer GET /' % name)
             time.sleep(0.2)
+
+    def start_gunicorn(self, name, side, store, args=(), tls=False, app_use=None,
+                       pythonpath=None):
+        """gunicorn -w 2 on a free port, serving ``app_use`` (the side's
+        keas.kmi.wsgi:application_factory) over ``store``."""
+        gunicorn = os.path.join(os.path.dirname(PYTHONS[side]), 'gunicorn')
+        if not os.path.exists(gunicorn):
+            raise RuntimeError('no gunicorn in %s (pip install gunicorn)'
+                               % os.path.dirname(gunicorn))
+        ini = self.write_ini(name, app_use or 'call:keas.kmi.wsgi:application_factory',
+                             store)
+        port = free_port()
+        tls_args = []
+        if tls:
+            crt, key = self.tls_pair()
+            tls_args = ['--certfile', crt, '--keyfile', key]
+        command = [gunicorn, '-w', '2', *args, *tls_args, '-b', '127.0.0.1:%d' % port,
+                   '--paste', ini]
+        return self.start_server(name, command, port, tls, pythonpath)
+
+    def start_make_serve(self, store, name='granian', app_settings=None):
+        """Ours as `make serve` runs it: `python -m keas.kmi.wsgi` with server.ini's
+        [server:main] (granian), on another port and with the bench's certificate."""
+        settings, _ = self.server_ini_sections()
+        crt, key = self.tls_pair()
+        port = free_port()
+        settings.update(host='127.0.0.1', port=str(port), ssl_certificate=crt,
+                        ssl_keyfile=key)
+        ini = self.write_ini(name, 'egg:keas.kmi', store, settings, app_settings)
+        self.granian_settings = settings
+        return self.start_server(name, [PYTHONS['ours'], '-m', 'keas.kmi.wsgi', ini],
+                                 port, tls=True)
+
+    def start_event_worker(self, store):
+        """Our application under the event-loop gunicorn worker of
+        EVENT_WORKER_COMMIT (its worker.py, read from git), with TLS and the
+        worker settings of that commit's server.ini. That commit's application
+        had the worker answer POST /key for a cached DEK on the loop
+        (``inline_request``); the shim does so for every POST /key, which are
+        all cached here."""
+        commit = self.EVENT_WORKER_COMMIT
+        source = subprocess.run(['git', '-C', ROOT, 'show',
+                                 '%s:python/keas/kmi/worker.py' % commit],
+                                capture_output=True)
+        if source.returncode != 0:
+            raise RuntimeError('cannot read worker.py of %s from git: %s' % (
+                commit, source.stderr.decode(errors='replace').strip()))
+        folder = os.path.join(WORK, 'eventworker')
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, 'eventworker_%s.py' % commit), 'wb') as f:
+            f.write(source.stdout)
+        with open(os.path.join(folder, 'eventworker_app.py'), 'w') as f:
+            f.write('"""keas.kmi.wsgi\'s application with the inline_request hook of %s."""\n'
+                    'from keas.kmi.wsgi import application_factory\n\n\n'
+                    'def factory(global_config, **settings):\n'
+                    '    app = application_factory(global_config, **settings)\n'
+                    '    app.inline_request = lambda environ: (\n'
+                    '        environ.get("PATH_INFO") == "/key"\n'
+                    '        and environ.get("REQUEST_METHOD") == "POST")\n'
+                    '    return app\n' % commit)
+        args = ['-k', 'eventworker_%s.EventWorker' % commit, '--threads', '32',
+                '--keep-alive', '2']
+        self.event_worker_args = args
+        return self.start_gunicorn('eventworker', 'ours', store, args, tls=True,
+                                   app_use='call:eventworker_app:factory',
+                                   pythonpath=folder)
+
+    @staticmethod
+    def connection(port, tls, timeout=10):
+        if tls:  # the bench's own self-signed certificate
+            return http.client.HTTPSConnection(
+                '127.0.0.1', port, timeout=timeout,
+                context=ssl._create_unverified_context())
+        return http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
 
     def stop_servers(self):
         for proc in self.servers:
@@ -892,14 +985,13 @@ class Bench:
                 try:
                     proc.wait(timeout=20)
                 except subprocess.TimeoutExpired:
-                    proc.kill()
+                    os.killpg(proc.pid, signal.SIGKILL)
                     proc.wait()
         self.servers = []
 
-    @staticmethod
-    def sample_requests(port, kek, dek, count=6):
+    def sample_requests(self, port, kek, dek, tls=False, count=6):
         for i in range(count):
-            conn = http.client.HTTPConnection('127.0.0.1', port, timeout=10)
+            conn = self.connection(port, tls)
             conn.request('POST', '/key', kek, {'Content-Type': 'text/plain'})
             resp = conn.getresponse()
             body = resp.read()
@@ -932,11 +1024,12 @@ end
 ''' % (lua(kek), lua(dek)))
         return path
 
-    def load(self, port, seconds, script, kek_path, dek):
+    def load(self, port, seconds, script, kek_path, dek, tls=False):
         """Requests per second of POST /key for ``seconds``; checks every answer."""
         if shutil.which('wrk'):
             out = run(['wrk', '-t1', '-c4', '-d%ds' % seconds, '-s', script,
-                       'http://127.0.0.1:%d/key' % port], timeout=seconds + 60)
+                       '%s://127.0.0.1:%d/key' % ('https' if tls else 'http', port)],
+                      timeout=seconds + 60)
             m = re.search(r'CHECK good=(\d+) bad=(\d+)', out)
             check(m is not None, 'wrk did not report its checks:\n' + out)
             good, bad = int(m.group(1)), int(m.group(2))
@@ -945,6 +1038,8 @@ end
             check(good > 0, 'no answers')
             rps = float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1))
             return rps, {'good': good, 'socket_errors': errors.group(0) if errors else ''}
+        if tls:
+            raise RuntimeError('the TLS rows need wrk (apt-get install wrk)')
         out = run([sys.executable, os.path.join(HERE, 'loadgen.py'), str(port),
                    str(seconds), kek_path, dek.hex()], timeout=seconds + 60)
         result = json.loads(out.strip().splitlines()[-1])
@@ -954,51 +1049,100 @@ end
                                                     'loader': 'loadgen.py'}
 
     def wsgi(self):
-        shipped = self.shipped_worker_args()
-        # Each side as it ships: ours with server.ini's workers, the reference
-        # with gunicorn's default sync workers (its documented setup).
-        self.wsgi_row('WSGI POST /key, warm, gunicorn -w 2, as shipped',
-                      {'ours': shipped, 'ref': []}, '>= 2x ref req/s',
-                      'ours: %s; ref: sync workers' % ' '.join(shipped))
-        # The same sync workers on both sides: the applications alone differ.
-        self.wsgi_row('  same sync workers on both sides', {'ours': [], 'ref': []},
-                      None, 'both: sync workers')
-
-    def wsgi_row(self, title, worker_args, target, config):
-        row = self.row(title, kind='rate', target=target)
-        if target:
-            row.goal = speedup_goal(2)
         loader = 'wrk -t1 -c4' if shutil.which('wrk') else 'benchmarks/loadgen.py (no wrk)'
-        row.note = 'load: %s, %d s per run; %s' % (loader, P['wsgi_seconds'], config)
-        probe = subprocess.run(
-            [PYTHONS['ours'], '-c', 'from keas.kmi.wsgi import application_factory'],
-            capture_output=True, text=True)
+        served = self.row('WSGI POST /key, warm, TLS: make serve (granian) vs ref gunicorn',
+                          kind='rate', target='>= 5x ref req/s')
+        served.goal = speedup_goal(5)
+        event = self.row('  same, granian vs (ref column) EventWorker %s'
+                         % self.EVENT_WORKER_COMMIT, kind='rate', target='>= 1.0x')
+        event.goal = speedup_goal(1.0)
+        # The reference with gunicorn workers that keep connections open.
+        gthread = self.row('  same, ref with gthread workers (keep-alive)', kind='rate')
+        # The applications alone: gunicorn's sync workers, plain HTTP, both sides.
+        sync = self.row('  same sync workers on both sides, plain HTTP', kind='rate')
+        probe = subprocess.run([PYTHONS['ours'], '-c', 'import granian, keas.kmi.server'],
+                               capture_output=True, text=True)
         if probe.returncode != 0:
-            row.skip('our keas.kmi.wsgi:application_factory is not importable: %s'
-                     % (probe.stderr.strip().splitlines() or ['?'])[-1])
+            for row in (served, event, gthread, sync):
+                row.skip('granian or our keas.kmi.server is not importable: %s'
+                         % (probe.stderr.strip().splitlines() or ['?'])[-1])
             return
-        kek_path = self.keks['legacy']['kek_path']
-        with open(kek_path, 'rb') as f:
+        with open(self.keks['legacy']['kek_path'], 'rb') as f:
             kek = f.read()
-        ports = {}
+        script = self.wrk_script(kek, self.dek)
+        store = self.store
         try:
-            for side in SIDES:
-                ports[side] = self.start_server(side, self.store, worker_args[side])[1]
-                # Several requests reach both workers: warm caches, checked bodies.
-                self.sample_requests(ports[side], kek, self.dek)
-            script = self.wrk_script(kek, self.dek)
-            for side in SIDES:  # warm-up, not recorded
-                self.load(ports[side], 2, script, kek_path, self.dek)
-            for _, side in self.alternate(P['wsgi_runs']):
-                rps, extra = self.load(ports[side], P['wsgi_seconds'], script,
-                                       kek_path, self.dek)
-                self.record(row, side, rps, **extra)
-            for side in SIDES:
-                self.sample_requests(ports[side], kek, self.dek, count=2)
+            granian = self.start_make_serve(store)
+            ref_tls = self.start_gunicorn('ref-tls', 'ref', store, tls=True)
         except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
-            row.fail(e)
+            for row in (served, event, gthread):
+                row.fail(e)
+        else:
+            served.note = (
+                'load: %s, %d s per run, over TLS; ours: python -m keas.kmi.wsgi with '
+                "server.ini's [server:main] (%s); ref: gunicorn -w 2, sync workers (its "
+                'documented setup), --certfile/--keyfile; sync workers close every '
+                'connection, so each reference request includes a TLS handshake; both log '
+                "with server.ini's logging sections"
+                % (loader, P['wsgi_seconds'], ', '.join(
+                    '%s=%s' % kv for kv in sorted(self.granian_settings.items())
+                    if kv[0] not in ('host', 'port', 'ssl_certificate', 'ssl_keyfile'))))
+            self.wsgi_rounds(served, {'ours': granian, 'ref': ref_tls}, kek, script, tls=True)
+            try:
+                eventworker = self.start_event_worker(store)
+            except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+                event.fail(e)
+            else:
+                event.note = (
+                    'load: %s, %d s per run, over TLS; ours: as above; ref column: our '
+                    'application under gunicorn -w 2 %s (worker.py of %s) --certfile/'
+                    '--keyfile, POST /key answered on the event loop'
+                    % (loader, P['wsgi_seconds'], ' '.join(self.event_worker_args),
+                       self.EVENT_WORKER_COMMIT))
+                self.wsgi_rounds(event, {'ours': granian, 'ref': eventworker}, kek, script,
+                                 tls=True)
+            args = ['-k', 'gthread', '--threads', '4', '--keep-alive', '2']
+            try:
+                ref_gthread = self.start_gunicorn('ref-gthread', 'ref', store, args, tls=True)
+            except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+                gthread.fail(e)
+            else:
+                gthread.note = ('load: %s, %d s per run, over TLS; ours: as above; ref: '
+                                'gunicorn -w 2 %s --certfile/--keyfile'
+                                % (loader, P['wsgi_seconds'], ' '.join(args)))
+                self.wsgi_rounds(gthread, {'ours': granian, 'ref': ref_gthread}, kek, script,
+                                 tls=True)
         finally:
             self.stop_servers()
+        sync.note = 'load: %s, %d s per run; both: sync workers, plain HTTP' % (
+            loader, P['wsgi_seconds'])
+        try:
+            ports = {side: self.start_gunicorn('%s-sync' % side, side, store)
+                     for side in SIDES}
+        except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+            sync.fail(e)
+        else:
+            self.wsgi_rounds(sync, ports, kek, script, tls=False)
+        finally:
+            self.stop_servers()
+
+    def wsgi_rounds(self, row, ports, kek, script, tls):
+        """Alternating load runs against ports {'ours': port, 'ref': port}."""
+        kek_path = self.keks['legacy']['kek_path']
+        try:
+            for side in SIDES:
+                # Several requests reach both workers: warm caches, checked bodies.
+                self.sample_requests(ports[side], kek, self.dek, tls)
+            for side in SIDES:  # warm-up, not recorded
+                self.load(ports[side], 2, script, kek_path, self.dek, tls)
+            for _, side in self.alternate(P['wsgi_runs']):
+                rps, extra = self.load(ports[side], P['wsgi_seconds'], script,
+                                       kek_path, self.dek, tls)
+                self.record(row, side, rps, **extra)
+            for side in SIDES:
+                self.sample_requests(ports[side], kek, self.dek, tls, count=2)
+        except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+            row.fail(e)
 
     # -- key stores: PostgreSQL against the directory (issue 12) ---------------
     #
@@ -1115,8 +1259,8 @@ end
 
     def store_wsgi_row(self, row):
         loader = 'wrk -t1 -c4' if shutil.which('wrk') else 'benchmarks/loadgen.py (no wrk)'
-        row.note = ('load: %s, %d s per run; both: gunicorn sync workers, our package; '
-                    'the DEK is cached, so the store is not read'
+        row.note = ('load: %s over TLS, %d s per run; both: our package as make serve '
+                    'runs it (granian); the DEK is cached, so the store is not read'
                     % (loader, P['store_wsgi_seconds']))
         kek_path = self.keks['legacy']['kek_path']
         with open(kek_path, 'rb') as f:
@@ -1125,15 +1269,14 @@ end
         ports = {}
         try:
             for side in ('pg', 'dir'):
-                ports[side] = self.start_server('ours', stores[side], (),
-                                                name='store-%s' % side)[1]
-                self.sample_requests(ports[side], kek, self.dek)
+                ports[side] = self.start_make_serve(stores[side], name='store-%s' % side)
+                self.sample_requests(ports[side], kek, self.dek, tls=True)
             script = self.wrk_script(kek, self.dek)
             for side in ('pg', 'dir'):  # warm-up, not recorded
-                self.load(ports[side], 2, script, kek_path, self.dek)
+                self.load(ports[side], 2, script, kek_path, self.dek, tls=True)
             for _, side in self.store_alternate(P['store_wsgi_runs']):
                 rps, extra = self.load(ports[side], P['store_wsgi_seconds'], script,
-                                       kek_path, self.dek)
+                                       kek_path, self.dek, tls=True)
                 self.record(row, side, rps, **extra)
         except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
             row.fail(e)
@@ -1151,8 +1294,7 @@ end
         def loop(c):
             i = c
             while time.perf_counter() < deadline:
-                conn = http.client.HTTPConnection('127.0.0.1', ports[i % len(ports)],
-                                                  timeout=60)
+                conn = self.connection(ports[i % len(ports)], True, timeout=60)
                 try:
                     conn.request('POST', '/new', b'')
                     resp = conn.getresponse()
@@ -1180,13 +1322,12 @@ end
         stores = {'pg': self.pg_url, 'dir': os.path.join(RUN, 'new-store-dir')}
         seconds = P['wsgi_seconds']
         for row, count in ((four, 4), (one, 1)):
-            row.note = ('8 client threads round-robin over the servers, %d s per run; '
-                        'each server gunicorn -w 2 (sync); every KEK is then read '
-                        'back from the store' % seconds)
+            row.note = ('8 client threads round-robin over the servers, %d s per run, '
+                        'over TLS; each server as make serve runs it (granian, 2 '
+                        'workers); every KEK is then read back from the store' % seconds)
             try:
                 for _, side in self.store_alternate(P['wsgi_runs']):
-                    ports = [self.start_server('ours', stores[side], (),
-                                               name='new-%s-%d' % (side, i))[1]
+                    ports = [self.start_make_serve(stores[side], name='new-%s-%d' % (side, i))
                              for i in range(count)]
                     keks, rps = self.new_load(ports, seconds)
                     self.stop_servers()
@@ -1336,16 +1477,23 @@ end
     def main(self):
         started = time.time()
         os.makedirs(WORK, exist_ok=True)
+        # BENCH_ONLY=wsgi,cold: only these sections (comma-separated), for a partial run.
+        sections = ('small', 'bulk', 'files', 'generate', 'cold', 'zodb', 'v2', 'wsgi',
+                    'stores', 'memory')
+        only = [name.strip() for name in os.environ.get('BENCH_ONLY', '').split(',')
+                if name.strip()]
+        unknown = sorted(set(only) - set(sections))
+        if unknown:
+            sys.exit('BENCH_ONLY: unknown section %s (known: %s)'
+                     % (', '.join(unknown), ', '.join(sections)))
+        wanted = set(only or sections)
         for side in SIDES:
             if not os.path.exists(PYTHONS[side]):
                 sys.exit('missing %s: run make bench, which creates it' % PYTHONS[side])
         if not shutil.which('openssl'):
             sys.exit('the openssl command is needed')
-        # BENCH_ONLY=small,stores: only these sections (comma-separated names).
-        only = set(filter(None, os.environ.get('BENCH_ONLY', '').split(',')))
-
         def section(name, *steps):
-            if not only or name in only:
+            if name in wanted:
                 for step in steps:
                     step()
 
@@ -1353,7 +1501,8 @@ end
             self.setup()
             header, sha = self.header()
             if only:
-                header.append('sections: %s only (BENCH_ONLY)' % ','.join(sorted(only)))
+                header.append('BENCH_ONLY: %s (the other sections did not run)'
+                              % ', '.join(name for name in sections if name in wanted))
             section('small', self.small)
             section('bulk', self.measure_openssl, self.bulk)
             section('files', self.files, self.measure_openssl)

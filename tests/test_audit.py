@@ -162,3 +162,26 @@ def test_a_full_disk_is_refused_and_leaves_no_partial_entry(full_tmpfs):
 
 def test_verify_of_an_empty_log():
     assert verify_lines([]) == (0, GENESIS, None)
+
+
+def test_forked_workers_that_inherit_an_open_log_keep_one_chain(tmp_path):
+    # As granian's workers do: the log is opened in the parent, then forked.
+    log = FileAuditLog(str(tmp_path / 'audit.jsonl'))
+    log.append(event='generate', name='parent', outcome='ok')
+    children = []
+    for tag in ('a', 'b', 'c'):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for i in range(300):
+                    log.append(event='fetch', name='%s%d' % (tag, i), outcome='ok')
+                log.close()
+            finally:
+                os._exit(0)
+        children.append(pid)
+    for i in range(300):
+        log.append(event='fetch', name='p%d' % i, outcome='ok')
+    for pid in children:
+        assert os.waitpid(pid, 0)[1] == 0
+    count, _, broken = log.verify()
+    assert broken is None and count == 1201

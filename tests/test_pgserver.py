@@ -37,13 +37,11 @@ storage-dir = {storage}
 pool-max-size = 8
 
 [server:main]
-use = egg:gunicorn#main
+use = egg:keas.kmi#granian
 host = 127.0.0.1
 port = {port}
 workers = {workers}
-worker_class = gthread
-threads = 8
-timeout = 120
+blocking_threads = 16
 
 [loggers]
 keys = root, kmi

@@ -148,6 +148,27 @@ def test_new_creates_a_key_and_logs_its_name_and_the_client(app, master, caplog)
     assert b'PRIVATE' not in record.getMessage().encode()
 
 
+def test_one_log_line_per_key_event(tmp_path, caplog):
+    """The application logs each key event once, with the client; used on its
+    own, the facility keeps its original lines."""
+    facility = KeyManagementFacility(str(tmp_path / 'keys'))
+    app = wsgi.KeyManagementApplication(facility)
+    caplog.set_level(logging.INFO, logger='kmi')
+    kek = call(app, '/new', method='POST', body=b'').body
+    call(app, '/key', method='POST', body=kek)
+    wsgi_lines = [r.getMessage() for r in caplog.records if r.name == 'kmi']
+    name = md5hex(kek)
+    assert wsgi_lines == ['created key %s for %s' % (name, CLIENT),
+                          'data key %s for %s: sent' % (name, CLIENT)]
+    caplog.clear()
+    other = KeyManagementFacility(str(tmp_path / 'keys'))
+    kek2 = other.generate()
+    other.getEncryptionKey(kek2)
+    assert [r.getMessage() for r in caplog.records if r.name == 'kmi'] == [
+        'New key added (hash): %s' % md5hex(kek2),
+        'Encryption key requested: %s' % md5hex(kek2)]
+
+
 def test_key_returns_the_dek_and_logs_without_key_material(app, master, caplog):
     caplog.set_level(logging.INFO, logger='kmi')
     kek = master.test_keks[1]
@@ -245,6 +266,17 @@ class EndlessInput:
     readline = read
 
 
+def test_an_oversize_body_is_read_and_dropped_before_the_413():
+    # Unread request bytes would make the closing server's kernel reset the
+    # connection under a client still sending, which may lose the answer.
+    big = io.BytesIO(b'k' * (100 * 1024))
+    request = Request.blank('/key', method='POST', remote_addr=CLIENT)
+    request.environ.update({'wsgi.input': big, 'CONTENT_LENGTH': str(100 * 1024)})
+    response = request.get_response(wsgi.KeyManagementApplication(StubFacility()))
+    assert response.status_code == 413
+    assert big.tell() == 100 * 1024
+
+
 def test_declared_length_over_the_limit_is_refused_before_reading():
     stream = EndlessInput()
     request = Request.blank('/key', method='POST', remote_addr=CLIENT)
@@ -252,6 +284,17 @@ def test_declared_length_over_the_limit_is_refused_before_reading():
     response = request.get_response(wsgi.KeyManagementApplication(StubFacility()))
     assert response.status_code == 413
     assert stream.requested == 0
+
+
+def test_a_body_that_ends_early_is_no_key_request(caplog):
+    # What a server hands over when the client hangs up in the middle of its body.
+    facility = StubFacility()
+    request = Request.blank('/key', method='POST', remote_addr=CLIENT)
+    request.environ.update({'wsgi.input': io.BytesIO(b'-----BEGIN'), 'CONTENT_LENGTH': '1700'})
+    response = request.get_response(wsgi.KeyManagementApplication(facility))
+    assert response.status_code == 400
+    assert facility.lookups == []
+    assert 'the body ended after 10 of 1700 bytes' in caplog.text
 
 
 def test_chunked_body_read_is_capped():
@@ -262,7 +305,8 @@ def test_chunked_body_read_is_capped():
                             'HTTP_TRANSFER_ENCODING': 'chunked'})
     response = request.get_response(wsgi.KeyManagementApplication(StubFacility()))
     assert response.status_code == 413
-    assert stream.requested <= wsgi.MAX_KEK_SIZE + 1
+    # Past the limit, it is read on and dropped (see wsgi.DRAIN_LIMIT), not kept.
+    assert stream.requested <= wsgi.DRAIN_LIMIT
 
 
 def test_chunked_kek_is_accepted(app, master):

@@ -1,14 +1,15 @@
-"""The key server under load and faults (issue 6), on real gunicorn on 127.0.0.1.
+"""The key server under load and faults, served by granian on 127.0.0.1.
 
 Every server here is started the way `make serve` starts it (`python -m
-keas.kmi.wsgi`), with the gunicorn settings of the repository's server.ini
-(workers, worker class, threads, keepalive), so the documented configuration
-is the one tested; only the address, the certificates and the key directory
-are the test's own.
+keas.kmi.wsgi`), with the granian settings of the repository's server.ini
+(workers, threads, header read timeout, keep-alive, backlog), so the
+documented configuration is the one tested; only the address, the
+certificates and the key directory are the test's own.
 
 - many concurrent clients: no error, no lost key;
 - a full key disk: 503, a clear log line, nothing partial left, recovery;
-- slow clients (slowloris): normal clients are still served promptly.
+- slow and idle clients (slowloris): normal clients are still served, and
+  the slow ones are closed after the header read timeout.
 """
 import hashlib
 import os
@@ -33,7 +34,7 @@ from test_server import free_port
 from test_server import self_signed
 from test_server import signed_by_ca
 
-from keas.kmi import wsgi
+from keas.kmi import server as launcher
 from keas.kmi.facility import KeyManagementFacility
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,8 +51,8 @@ def md5hex(data):
 
 
 def ini_settings():
-    """The gunicorn settings of the repository's server.ini."""
-    return wsgi.server_settings(str(REPO / 'server.ini'))
+    """The granian settings of the repository's server.ini."""
+    return launcher.server_settings(str(REPO / 'server.ini'))
 
 
 @pytest.fixture(scope='module')
@@ -67,15 +68,17 @@ def pki(tmp_path_factory):
 
 def launch(folder, pki, storage):
     """`python -m keas.kmi.wsgi` on a free loopback port with server.ini's
-    gunicorn settings; its standard output and error go to folder/server.log."""
+    granian settings; its standard output and error go to folder/server.log."""
     ca, (certfile, keyfile) = pki
     folder.mkdir(parents=True, exist_ok=True)
     settings = ini_settings()
-    for own in ('bind', 'certfile', 'keyfile', 'ca_certs', 'cert_reqs'):
+    for own in ('host', 'port', 'ssl_certificate', 'ssl_keyfile', 'ssl_ca',
+                'ssl_client_verify'):
         settings.pop(own, None)
     port = free_port()
-    lines = ['[server:main]', 'use = egg:gunicorn#main', 'host = 127.0.0.1',
-             'port = %d' % port, 'certfile = %s' % certfile, 'keyfile = %s' % keyfile]
+    lines = ['[server:main]', 'use = egg:keas.kmi#granian', 'host = 127.0.0.1',
+             'port = %d' % port, 'ssl_certificate = %s' % certfile,
+             'ssl_keyfile = %s' % keyfile]
     lines += ['%s = %s' % (name, value.replace('%', '%%'))
               for name, value in settings.items()]
     ini = folder / 'kms.ini'
@@ -100,15 +103,16 @@ def wait_for_log(srv, pattern, seconds=10):
 def assert_healthy_log(log):
     assert 'Traceback' not in log, log
     assert 'WORKER TIMEOUT' not in log, log
+    assert 'Unexpected exit from worker' not in log, log
     assert 'PRIVATE KEY' not in log
 
 
-def test_server_ini_uses_event_workers():
+def test_server_ini_runs_granian():
     settings = ini_settings()
     assert settings['workers'] == '2'
-    assert settings['worker_class'] == 'keas.kmi.worker.EventWorker'
-    # The pool for application work (POST /new); slow clients hold no thread.
-    assert int(settings['threads']) >= 2
+    # The threads for application work (POST /new); slow clients hold none.
+    assert int(settings['blocking_threads']) >= 2
+    assert 1000 <= int(settings['http1_header_read_timeout']) <= 30000
 
 
 # 1. Many concurrent clients -------------------------------------------------------
@@ -310,13 +314,16 @@ def test_full_disk_answers_503_and_leaves_nothing_behind(full_disk_server):
     assert srv.request('GET', '/') == (200, b'KMS server holding 3 keys')
 
 
-# 3. Slow clients ----------------------------------------------------------------------
+# 3. Slow and idle clients ------------------------------------------------------------
 
-SLOW_CLIENTS = 20  # TLS done, then the request line and headers a byte a second
-IDLE_CLIENTS = 4  # connected, sending nothing at all
-SLOW_SECONDS = 10
-LATENCY_BOUND = 3.0  # seconds for one normal request while the slow ones hang
-SLOW_REQUEST = b'POST /new HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\nX-Slow: '
+SLOW_CLIENTS = 300  # TLS done, then the request line and headers a byte every half second
+SLOW_BODIES = 100  # headers at once, then the body of POST /key a byte every half second
+IDLE_TLS = 20  # TLS done, then nothing at all
+IDLE_TCP = 20  # connected, not even a TLS handshake
+TRICKLE_INTERVAL = 0.5
+LATENCY_BOUND = 5.0  # seconds for one normal request while the slow ones hang; generous
+SLOW_REQUEST = (b'POST /new HTTP/1.1\r\nHost: localhost\r\nContent-Type: text/plain\r\n'
+                b'X-Slow: ' + b'z' * 200)
 
 
 @pytest.fixture
@@ -326,34 +333,63 @@ def slow_server(tmp_path, pki):
     srv.stop()
 
 
-def test_slow_clients_do_not_delay_normal_ones(slow_server, pki):
+def closed_by_server(sock, seconds):
+    """Seconds until the server closes ``sock`` (None: still open after ``seconds``)."""
+    start = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(4096):
+            pass
+    except (socket.timeout, TimeoutError):
+        return None
+    except OSError:
+        pass
+    return time.monotonic() - start
+
+
+def test_slow_and_idle_clients_do_not_delay_normal_ones(slow_server, pki):
     srv = slow_server
+    header_timeout = int(srv.settings['http1_header_read_timeout']) / 1000
     context = client_context(pki[0])
     sockets = []
     try:
-        for _ in range(IDLE_CLIENTS):
-            sockets.append(socket.create_connection(('127.0.0.1', srv.port), timeout=5))
-        slow = []
-        for _ in range(SLOW_CLIENTS):
-            raw = socket.create_connection(('127.0.0.1', srv.port), timeout=5)
-            sockets.append(raw)
-            slow.append(context.wrap_socket(raw, server_hostname='localhost'))
-            sockets.append(slow[-1])
+        idle_tcp = [socket.create_connection(('127.0.0.1', srv.port), timeout=10)
+                    for _ in range(IDLE_TCP)]
+        sockets += idle_tcp
+        idle_tls, slow, bodies = [], [], []
+        for group, count in ((idle_tls, IDLE_TLS), (slow, SLOW_CLIENTS),
+                             (bodies, SLOW_BODIES)):
+            for _ in range(count):
+                raw = socket.create_connection(('127.0.0.1', srv.port), timeout=10)
+                sockets.append(raw)
+                group.append(context.wrap_socket(raw, server_hostname='localhost'))
+                sockets.append(group[-1])
+        for tls in bodies:
+            tls.sendall(b'POST /key HTTP/1.1\r\nHost: localhost\r\n'
+                        b'Content-Length: 60000\r\n\r\n')
+        opened = time.monotonic()
 
         stop = threading.Event()
-        failures = []
+        cut_off = []  # seconds from a slow client's connection to the server's close
         sent = [0]
 
         def trickle():
-            # One byte per slow socket per second, for SLOW_SECONDS at most.
-            for index in range(SLOW_SECONDS):
-                for tls in slow:
+            alive = list(slow)
+            for index in range(len(SLOW_REQUEST)):
+                for tls in list(alive):
                     try:
                         tls.sendall(SLOW_REQUEST[index:index + 1])
-                    except OSError as error:
-                        failures.append(repr(error))
+                    except OSError:
+                        alive.remove(tls)
+                        cut_off.append(time.monotonic() - opened)
+                for tls in bodies:
+                    # granian sets no time limit on a body: these stay open.
+                    try:
+                        tls.sendall(b'x')
+                    except OSError:
+                        pass
                 sent[0] = index + 1
-                if stop.wait(1):
+                if not alive or stop.wait(TRICKLE_INTERVAL):
                     return
 
         trickler = threading.Thread(target=trickle)
@@ -361,18 +397,17 @@ def test_slow_clients_do_not_delay_normal_ones(slow_server, pki):
         latencies = []
         errors = []
         kek = b''
-        ends = time.monotonic() + SLOW_SECONDS - 1
         try:
-            for _ in range(100):  # bounded; the clock ends it first
-                if time.monotonic() > ends:
-                    break
-                for method, path, body in (('GET', '/', None), ('POST', '/new', b''),
-                                           ('POST', '/key', None)):
-                    if path == '/key':
-                        body = kek
+            # Normal clients while the slow ones trickle, until the server
+            # could have closed them.
+            ends = opened + header_timeout * 0.9
+            while time.monotonic() < ends:
+                for method, path in (('GET', '/'), ('POST', '/new'), ('POST', '/key')):
                     start = time.monotonic()
                     try:
-                        status, data = srv.request(method, path, body, timeout=15)
+                        status, data = srv.request(method, path, kek if path == '/key' else
+                                                   (b'' if method == 'POST' else None),
+                                                   timeout=30)
                     except Exception as error:  # noqa: BLE001 - every failure is counted
                         status, data = None, repr(error).encode()
                     latencies.append(time.monotonic() - start)
@@ -380,23 +415,33 @@ def test_slow_clients_do_not_delay_normal_ones(slow_server, pki):
                         errors.append((method, path, status, data[:80]))
                     elif path == '/new':
                         kek = data
-                time.sleep(0.2)
+                time.sleep(0.1)
+            trickled = sent[0]
+            # Past the header read timeout the server closes the slow and idle ones.
+            idle_closed = [closed_by_server(sock, header_timeout + 15)
+                           for sock in idle_tls[:5] + idle_tcp[:5]]
+            trickler.join(header_timeout + 30)
         finally:
             stop.set()
-            trickler.join(SLOW_SECONDS + 10)
-        print('\n%d slow and %d idle connections for %ds: %d normal requests, %d errors; '
-              'latency median %.3f s, max %.3f s'
-              % (SLOW_CLIENTS, IDLE_CLIENTS, SLOW_SECONDS, len(latencies), len(errors),
-                 sorted(latencies)[len(latencies) // 2], max(latencies)))
+            trickler.join(30)
+        print('\n%d trickling headers, %d trickling bodies, %d idle TLS and %d idle TCP '
+              'connections: %d normal requests, %d errors; latency median %.3f s, max %.3f s; '
+              'the trickling headers closed after %.1f-%.1f s (header read timeout %.0f s)'
+              % (SLOW_CLIENTS, SLOW_BODIES, IDLE_TLS, IDLE_TCP, len(latencies), len(errors),
+                 sorted(latencies)[len(latencies) // 2], max(latencies),
+                 min(cut_off or [0]), max(cut_off or [0]), header_timeout))
         assert errors == []
         assert len(latencies) >= 15, 'too few normal requests were made'
         assert max(latencies) < LATENCY_BOUND, sorted(latencies)[-5:]
-        # The slow clients really were connected and sending all along.
-        assert failures == []
-        assert sent[0] >= SLOW_SECONDS - 1
+        # The slow clients really were connected and sending all along ...
+        assert trickled >= header_timeout * 0.8 / TRICKLE_INTERVAL
+        # ... and were closed, not before the header read timeout.
+        assert len(cut_off) == SLOW_CLIENTS, 'some slow clients were never closed'
+        assert min(cut_off) > header_timeout * 0.8, min(cut_off)
+        assert all(seconds is not None for seconds in idle_closed), idle_closed
     finally:
         for sock in sockets:
             sock.close()
-    # Once they hang up, the server is fine.
+    # Once they are gone, the server is fine.
     assert srv.request('GET', '/', timeout=15)[0] == 200
     assert_healthy_log(srv.log())

@@ -273,6 +273,25 @@ def _flush_loop(ref):
         threading.Event().wait(interval)
 
 
+def _after_fork_in_child():
+    """A forked child (a server worker) gets its own descriptor: an inherited
+    one shares the parent's open file, and so its flock, which would then
+    exclude nobody. The lock and the flusher thread are the child's too."""
+    for log in list(_OPEN_LOGS):
+        log._lock = threading.Lock()
+        log._flusher = None
+        log._end = None
+        if log._fd is not None:
+            try:
+                os.close(log._fd)
+            except OSError:
+                pass
+            log._fd = None
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 @atexit.register
 def _flush_all():
     for log in list(_OPEN_LOGS):

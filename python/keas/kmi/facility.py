@@ -6,6 +6,7 @@ DEKs in a storage directory and unwraps them on request.
 KEKs and DEKs over HTTP(S) and encrypts locally. Both delegate the
 cryptography to ``keas.kmi._kmi``.
 """
+import contextvars
 import http.client
 import logging
 import ssl
@@ -20,6 +21,10 @@ from keas.kmi.audit import requester
 from keas.kmi.store import open_store
 
 logger = logging.getLogger('kmi')
+
+# True while the key server (keas.kmi.wsgi) handles a request: it logs each
+# key event itself, with the client's address, in place of the lines below.
+logged_by_server = contextvars.ContextVar('logged_by_server', default=False)
 
 DEFAULT_CHUNKSIZE = 24 * 1024
 
@@ -260,7 +265,8 @@ class KeyManagementFacility(EncryptionService):
             if self.store.meta(name) is not None:  # its metadata outlived it
                 raise self._refuse(name, lifecycle.DESTROYED, False) from None
             raise
-        logger.info('Encryption key requested: %s', name)
+        if not logged_by_server.get():
+            logger.info('Encryption key requested: %s', name)
         return wrapped, self._key_state(name)
 
     def _key_state(self, name):
@@ -418,7 +424,8 @@ class KeyManagementFacility(EncryptionService):
             _passphrase(self.rsaPassphrase), self.keyLength)
         self.store.add(name, wrapped, lifecycle.new_metadata(name, kid, fingerprint),
                        audit=self._audit_fields('generate', name, kid=kid.hex()))
-        logger.info('New key added (hash): %s', name)
+        if not logged_by_server.get():
+            logger.info('New key added (hash): %s', name)
         return kek
 
     def getEncryptionKey(self, key):

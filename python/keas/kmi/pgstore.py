@@ -359,6 +359,7 @@ class _Database:
     def __init__(self, settings):
         self.settings = settings
         self.location = settings.location
+        self.pid = os.getpid()
         self.users = 0
         self._configure = _configure(max(1, round(settings.statement_timeout * 1000)))
         self._recover_lock = threading.Lock()
@@ -538,6 +539,11 @@ class PostgresStore(KeyStore):
     def _run(self, work):
         if self._closed:
             raise ValueError('the key store %s is closed' % self.location)
+        if self._db.pid != os.getpid():
+            # A forked child (a server worker) inherited the pool: its
+            # threads are gone and its sockets are the parent's. Leave them
+            # be (closing would end the parent's sessions) and connect anew.
+            self._db = _Database.acquire(self._settings)
         return self._db.run(work)
 
     def names(self):

@@ -1,13 +1,12 @@
-"""The key management server as a WSGI application, and a launcher for it.
+"""The key management server as a WSGI application.
 
 ``application_factory`` is the PasteDeploy entry point (``egg:keas.kmi``): it
 routes ``GET /``, ``POST /new`` and ``POST /key`` to the views in
 ``keas.kmi.rest`` and turns everything that goes wrong into a short plain-text
-answer. ``python -m keas.kmi.wsgi server.ini`` serves it with gunicorn using the
-``[server:main]`` settings of the file (what ``make serve`` runs).
+answer. ``python -m keas.kmi.wsgi server.ini`` (what ``make serve`` runs)
+serves it with the server of the file's ``[server:main]``: granian, through
+``keas.kmi.server``.
 """
-import argparse
-import configparser
 import errno
 import logging
 import os
@@ -18,6 +17,7 @@ from webob import Request
 from webob import Response
 
 from keas.kmi import _kmi, rest
+from keas.kmi.facility import logged_by_server
 from keas.kmi.store import StoreUnavailable, is_database_url, redact
 
 log = logging.getLogger('kmi')
@@ -32,6 +32,20 @@ EXIT_STORE_FAILED = 4
 
 # A KEK is a PEM-armoured RSA key: a few KiB even for 16384-bit keys.
 MAX_KEK_SIZE = 64 * 1024
+
+# A body over MAX_KEK_SIZE is still read, and dropped, up to this size before
+# the 413 goes out: a server that closes a connection with request bytes
+# unread makes the kernel reset it, and a client still sending its body
+# (wget does) may then lose the answer.
+DRAIN_LIMIT = 1024 * 1024
+
+
+def _drain(stream, size):
+    while size > 0:
+        chunk = stream.read(min(size, 64 * 1024))
+        if not chunk:
+            return
+        size -= len(chunk)
 
 
 # The name the storage directory knows a KEK by: md5 hex of its bytes.
@@ -60,20 +74,16 @@ class KeyManagementApplication:
         self.facility = facility
         self.max_kek_size = max_kek_size
 
-    def inline_request(self, environ):
-        """Whether an event-loop server (keas.kmi.worker) may answer this
-        request on its loop thread rather than in its thread pool: only
-        ``POST /key`` for a KEK whose DEK our facility has cached, which takes
-        microseconds. Called once the body is read into ``wsgi.input``."""
-        if environ.get('PATH_INFO') != '/key' or environ.get('REQUEST_METHOD') != 'POST':
-            return False
-        getvalue = getattr(environ.get('wsgi.input'), 'getvalue', None)
-        facility = self.facility
-        if getvalue is None or not getattr(facility, '_native', False):
-            return False  # a facility of another kind may do I/O for any key
-        return facility._core.is_cached(getvalue(), facility.timeout)
-
     def __call__(self, environ, start_response):
+        # This application logs each key event itself, with the client's
+        # address; the facility's own line for it would say it twice.
+        token = logged_by_server.set(True)
+        try:
+            return self.respond(environ, start_response)
+        finally:
+            logged_by_server.reset(token)
+
+    def respond(self, environ, start_response):
         if (environ.get('PATH_INFO') == '/key'
                 and environ.get('REQUEST_METHOD') == 'POST'
                 and environ.get('CONTENT_LENGTH')):
@@ -106,15 +116,26 @@ class KeyManagementApplication:
         if not 0 <= length <= self.max_kek_size:
             log.warning('refused a key request from %s: body of %s bytes',
                         client, environ['CONTENT_LENGTH'])
+            if length <= DRAIN_LIMIT:
+                _drain(environ['wsgi.input'], length)
             return _plain(413, 'Request body too large',
                           [('Connection', 'close')])(environ, start_response)
         kek = environ['wsgi.input'].read(length)
+        if len(kek) < length:
+            return self.incomplete(client, len(kek), length)(environ, start_response)
         status, body = self.answer_key(kek, client)
         headers = [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))]
         if status.startswith('503'):
             headers.append(('Retry-After', RETRY_AFTER))
         start_response(status, headers)
         return [body]
+
+    @staticmethod
+    def incomplete(client, received, length):
+        """A body that ended early (the client went away): no key request."""
+        log.warning('refused a key request from %s: the body ended after %d of %d bytes',
+                    client, received, length)
+        return _plain(400, 'Incomplete request body', [('Connection', 'close')])
 
     def answer_key(self, kek, client):
         """(status, body) for a DEK request, logged by the KEK's name."""
@@ -193,7 +214,10 @@ class KeyManagementApplication:
         if request.environ.get('wsgi.input_terminated'):
             # A chunked body: the server ends the stream, we cap the read.
             data = body.read(limit + 1)
-            return None if len(data) > limit else data
+            if len(data) <= limit:
+                return data
+            _drain(body, DRAIN_LIMIT - len(data))
+            return None
         return b''
 
 
@@ -260,82 +284,8 @@ def application_factory(global_config, **settings):
     return KeyManagementApplication(facility)
 
 
-# The launcher ---------------------------------------------------------------
-#
-# `gunicorn --paste server.ini` reads only the application from the file and
-# ignores [server:main] (address, TLS), and PasteDeploy's own server loading
-# builds the application once in the master process before gunicorn forks.
-# This launcher takes the gunicorn settings from [server:main] and lets each
-# worker load the application, exactly as `gunicorn --paste` does.
-
-
-def server_settings(config_file, host=None, port=None):
-    """The gunicorn settings of the file's ``[server:main]`` section."""
-    from paste.deploy import loadwsgi
-
-    context = loadwsgi.loadcontext(loadwsgi.SERVER, 'config:' + config_file)
-    settings = dict(context.local_conf)
-    # gunicorn's own PasteDeploy runner turns host and port into bind, too.
-    host = host or settings.pop('host', None)
-    port = port or settings.pop('port', None)
-    for name in ('host', 'port'):
-        settings.pop(name, None)
-    if host and port:
-        settings['bind'] = '%s:%s' % (host, port)
-    elif host or port:
-        raise ValueError('[server:main] needs both host and port')
-    return settings
-
-
-def has_logging_config(config_file):
-    parser = configparser.ConfigParser()
-    parser.read(config_file)
-    return parser.has_section('loggers')
-
-
-def serve(config_file, host=None, port=None):
-    """Run gunicorn in the foreground with the settings in ``config_file``."""
-    from gunicorn.app.base import BaseApplication
-    from paste.deploy import loadapp
-
-    config_file = os.path.abspath(config_file)
-    settings = server_settings(config_file, host, port)
-
-    class Server(BaseApplication):
-        def load_config(self):
-            self.cfg.set('default_proc_name', 'kmi: ' + config_file)
-            if has_logging_config(config_file):
-                self.cfg.set('logconfig', config_file)
-            for name, value in settings.items():
-                self.cfg.set(name.lower().replace('-', '_'), value)
-
-        def load(self):
-            return loadapp('config:' + config_file)
-
-    Server().run()
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog='python -m keas.kmi.wsgi',
-        description='Serve the key management server with gunicorn, using the '
-        '[app:main] and [server:main] sections of a PasteDeploy file.',
-    )
-    parser.add_argument('config', help='the .ini file, e.g. server.ini')
-    parser.add_argument('--host', help='listen on this address instead')
-    parser.add_argument('--port', help='listen on this port instead')
-    args = parser.parse_args(argv)
-    if not os.path.exists(args.config):
-        parser.error('%s: no such file' % args.config)
-    try:
-        serve(args.config, args.host, args.port)
-    except (AttributeError, LookupError, ValueError) as error:
-        # Unknown gunicorn settings or a broken [server:main] section.
-        parser.exit(1, '%s: %s\n' % (args.config, error))
-
-
 if __name__ == '__main__':
-    # Run the imported module's main, not a second copy of this file's code.
-    from keas.kmi.wsgi import main as _main
+    # `python -m keas.kmi.wsgi server.ini`: the launcher of keas.kmi.server.
+    from keas.kmi.server import main
 
-    sys.exit(_main())
+    sys.exit(main())
