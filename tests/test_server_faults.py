@@ -202,7 +202,7 @@ def test_concurrent_clients_get_no_errors_and_lose_no_keys(load_server):
 
     # No lost key: one complete .dek per created KEK, and nothing else.
     files = sorted(os.listdir(srv.storage))
-    assert files == sorted(md5hex(kek) + '.dek' for kek in keks)
+    assert files == sorted(md5hex(kek) + suffix for kek in keks for suffix in ('.dek', '.meta'))
     master = KeyManagementFacility(str(srv.storage))
     for kek in keks:
         dek = master.getEncryptionKey(kek)
@@ -275,8 +275,8 @@ def full_disk_server(tmp_path, pki):
 def test_full_disk_answers_503_and_leaves_nothing_behind(full_disk_server):
     srv = full_disk_server
     before = [srv.post('/new') for _ in range(2)]
-    sizes = {md5hex(kek) + '.dek': (srv.storage / (md5hex(kek) + '.dek')).stat().st_size
-             for kek in before}
+    sizes = {md5hex(kek) + suffix: (srv.storage / (md5hex(kek) + suffix)).stat().st_size
+             for kek in before for suffix in ('.dek', '.meta')}
     assert sorted(os.listdir(srv.storage)) == sorted(sizes)
     assert all(size > 0 for size in sizes.values())
 
@@ -295,7 +295,8 @@ def test_full_disk_answers_503_and_leaves_nothing_behind(full_disk_server):
                      log), log
     assert_healthy_log(log)
 
-    # Nothing partial: only the two complete keys, no temporaries, no empty files.
+    # Nothing partial: only the two complete keys (each a wrapped DEK and its
+    # metadata), no temporaries, no empty files.
     assert sorted(os.listdir(srv.storage)) == sorted(sizes)
     for name, size in sizes.items():
         assert (srv.storage / name).stat().st_size == size
@@ -308,7 +309,8 @@ def test_full_disk_answers_503_and_leaves_nothing_behind(full_disk_server):
     (srv.disk / 'filler').unlink()
     after = srv.post('/new')
     assert after.startswith(PEM_START)
-    assert sorted(os.listdir(srv.storage)) == sorted([*sizes, md5hex(after) + '.dek'])
+    assert sorted(os.listdir(srv.storage)) == sorted(
+        [*sizes, md5hex(after) + '.dek', md5hex(after) + '.meta'])
     assert srv.post('/key', after) == KeyManagementFacility(
         str(srv.storage)).getEncryptionKey(after)
     assert srv.request('GET', '/') == (200, b'KMS server holding 3 keys')

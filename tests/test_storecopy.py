@@ -68,7 +68,8 @@ def test_directory_to_database_and_back(real_keys, pg_url, tmp_path):
     done = kmi('store', 'copy', pg_url, back)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith(': 43 copied, 0 already there, 0 conflicts')
-    assert sorted(os.listdir(back)) == sorted(n + '.dek' for n in source)
+    assert sorted(f for f in os.listdir(back) if f.endswith('.dek')) == \
+        sorted(n + '.dek' for n in source)
     for name, wrapped in source.items():
         with open(os.path.join(back, name + '.dek'), 'rb') as f:
             assert f.read() == wrapped
@@ -153,3 +154,17 @@ def test_the_reference_reads_a_directory_copied_from_the_database(real_keys, pg_
                          text=True, timeout=120, cwd=str(tmp_path))
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ['43', dek.hex()]
+
+
+def test_lifecycle_metadata_goes_along(tmp_path, pg_url):
+    source = KeyManagementFacility(str(tmp_path / 'keys'))
+    kek = source.generate()
+    name = md5hex(kek)
+    source.change_state(name, 'deactivated', 'end of its cryptoperiod')
+    result = kmi('store', 'copy', source.storage_dir, pg_url)
+    assert result.returncode == 0, result.stderr
+    target = KeyManagementFacility(pg_url)
+    meta = target.metadata(name)
+    assert meta['state'] == 'deactivated' and meta['kid'] == source.metadata(name)['kid']
+    assert [t['state'] for t in meta['transitions']] == ['active', 'deactivated']
+    assert target.getEncryptionKey(kek) == source.getEncryptionKey(kek)

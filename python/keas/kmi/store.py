@@ -224,9 +224,21 @@ class DirectoryStore(KeyStore):
             wrapped = bytes(wrapped)
 
         def change():
+            existed = self._dir.contains(name)
             self._io(self._dir.put, name, wrapped)
-            if meta is not None:
+            if meta is None:
+                return
+            try:
                 self._io(self._dir.put_meta, name, _dump_meta(meta))
+            except OSError:
+                # A key without its metadata is half made: take it back
+                # (unless it was there before), so nothing partial is left.
+                if not existed:
+                    try:
+                        self._dir.remove(name, True)
+                    except (OSError, KeyError):
+                        pass
+                raise
         self._audited(audit, change)
 
     def delete(self, name, audit=None):

@@ -5,7 +5,8 @@
 key DST holds already with the same bytes counts as already there, one with
 other bytes is a conflict, reported by name, and makes the exit status 1.
 Every key written is read back and compared byte for byte, so a second run
-copies nothing and a finished run means DST holds every key of SRC.
+copies nothing and a finished run means DST holds every key of SRC. A key's
+lifecycle metadata (state, dates, kid) is copied with it.
 """
 import os
 import sys
@@ -64,8 +65,13 @@ def copy_keys(src, dst, bar=None):
             else:
                 same = None
             if same is None:
+                # Metadata recorded by the lifecycle (states, dates, kid) goes
+                # along; a key stored without any stays so.
+                meta = src.meta(name)
+                if not (meta and meta.get('transitions')):
+                    meta = None
                 try:
-                    dst.add(name, wrapped)
+                    dst.add(name, wrapped, meta)
                 except KeyExistsError:
                     result.conflicts.append(name)
                 else:
