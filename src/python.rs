@@ -799,18 +799,23 @@ impl Facility {
         Ok(PyBytes::new(py, &dek))
     }
 
-    /// `dek`, and the state of its key (what the server tells clients).
+    /// `dek`, the state of its key (what the server tells clients) and its
+    /// v2 kid (what the audit log records).
     fn dek_and_state<'py>(
         &self,
         py: Python<'py>,
         owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
-    ) -> PyResult<(Bound<'py, PyBytes>, &'static str)> {
+    ) -> PyResult<(Bound<'py, PyBytes>, &'static str, String)> {
         let kek = bytes_like(kek, "key")?;
         let timeout = owner_timeout(owner)?;
         let dek = self.dek_or_fetch(py, owner, &kek, timeout, false)?;
         let state = self.check_state(py, owner, &kek, false)?;
-        Ok((PyBytes::new(py, &dek), state.as_str()))
+        let kid = match self.inner.cached_v2(&kek, f64::INFINITY) {
+            Some(key) => hex::encode(key.kid()),
+            None => hex::encode(V2Key::new(&dek).kid()),
+        };
+        Ok((PyBytes::new(py, &dek), state.as_str(), kid))
     }
 
     /// `encrypt` in the owner's `dataFormat`: 1, legacy AES-256-CBC

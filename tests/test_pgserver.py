@@ -378,18 +378,24 @@ def test_application_settings_for_a_database(pg_url):
 def test_application_answers_503_while_the_database_is_down(pg_cluster, pg_url):
     from keas.kmi import wsgi
     app = wsgi.application_factory({}, **{'storage-dir': pg_url})
+    unaudited = wsgi.application_factory({}, **{'storage-dir': pg_url, 'audit': 'off'})
     status, _, kek = call(app, 'POST', '/new')
     assert status == 200
     cached_dek = call(app, 'POST', '/key', kek)[2]
+    assert call(unaudited, 'POST', '/key', kek)[2] == cached_dek
     other = KeyManagementFacility(pg_url).generate()  # never read through `app`
     pg_cluster.stop('fast')
     try:
         for method, path, body in (('GET', '/', b''), ('POST', '/new', b''),
-                                   ('POST', '/key', other)):
+                                   ('POST', '/key', other),
+                                   # Fail closed: a fetch that cannot be audited
+                                   # is refused, cached or not.
+                                   ('POST', '/key', kek)):
             status, headers, data = call(app, method, path, body)
             assert (status, data) == (503, UNAVAILABLE), (method, path)
             assert headers['Retry-After'] == wsgi.RETRY_AFTER
-        assert call(app, 'POST', '/key', kek)[:3:2] == (200, cached_dek)
+        # Without the audit log, the cache answers.
+        assert call(unaudited, 'POST', '/key', kek)[:3:2] == (200, cached_dek)
     finally:
         pg_cluster.start()
     deadline = time.monotonic() + 30

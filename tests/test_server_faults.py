@@ -66,9 +66,10 @@ def pki(tmp_path_factory):
     return ca, server
 
 
-def launch(folder, pki, storage):
+def launch(folder, pki, storage, app_settings=None):
     """`python -m keas.kmi.wsgi` on a free loopback port with server.ini's
-    granian settings; its standard output and error go to folder/server.log."""
+    granian settings (and ``app_settings`` in [app:main]); its standard output
+    and error go to folder/server.log."""
     ca, (certfile, keyfile) = pki
     folder.mkdir(parents=True, exist_ok=True)
     settings = ini_settings()
@@ -82,7 +83,11 @@ def launch(folder, pki, storage):
     lines += ['%s = %s' % (name, value.replace('%', '%%'))
               for name, value in settings.items()]
     ini = folder / 'kms.ini'
-    ini.write_text(APP_INI.format(storage=storage) + '\n' + '\n'.join(lines) + '\n')
+    app = APP_INI.format(storage=storage)
+    if app_settings:
+        extra = ''.join('%s = %s\n' % item for item in app_settings.items())
+        app = app.replace('[loggers]', extra + '\n[loggers]', 1)
+    ini.write_text(app + '\n' + '\n'.join(lines) + '\n')
     command = [sys.executable, '-m', 'keas.kmi.wsgi', str(ini)]
     srv = Server(command, folder, port, client_context(ca), cwd=REPO)
     srv.storage = Path(storage)
@@ -201,7 +206,7 @@ def test_concurrent_clients_get_no_errors_and_lose_no_keys(load_server):
     assert len(set(keks)) == len(keks)
 
     # No lost key: one complete .dek per created KEK, and nothing else.
-    files = sorted(os.listdir(srv.storage))
+    files = sorted(f for f in os.listdir(srv.storage) if f != 'audit.jsonl')
     assert files == sorted(md5hex(kek) + suffix for kek in keks for suffix in ('.dek', '.meta'))
     master = KeyManagementFacility(str(srv.storage))
     for kek in keks:
@@ -259,11 +264,13 @@ def fill(folder):
 
 @pytest.fixture
 def full_disk_server(tmp_path, pki):
+    """Keys on a small tmpfs; the audit log elsewhere."""
     disk = tmp_path / 'disk'
     mount_tmpfs(disk)
     srv = None
     try:
-        srv = launch(tmp_path / 'server', pki, disk / 'keys')
+        srv = launch(tmp_path / 'server', pki, disk / 'keys',
+                     {'audit-log': tmp_path / 'audit.jsonl'})
         srv.disk = disk
         yield srv
     finally:
@@ -314,6 +321,47 @@ def test_full_disk_answers_503_and_leaves_nothing_behind(full_disk_server):
     assert srv.post('/key', after) == KeyManagementFacility(
         str(srv.storage)).getEncryptionKey(after)
     assert srv.request('GET', '/') == (200, b'KMS server holding 3 keys')
+
+
+@pytest.fixture
+def full_audit_server(tmp_path, pki):
+    """Keys on the ordinary disk; the audit log on a small tmpfs."""
+    disk = tmp_path / 'disk'
+    mount_tmpfs(disk)
+    srv = None
+    try:
+        srv = launch(tmp_path / 'server', pki, tmp_path / 'keys',
+                     {'audit-log': disk / 'audit.jsonl'})
+        srv.disk = disk
+        srv.audit_log = disk / 'audit.jsonl'
+        yield srv
+    finally:
+        if srv is not None:
+            srv.stop()
+        unmount(disk)
+
+
+def test_a_full_audit_log_fails_closed_and_loses_nothing(full_audit_server):
+    from keas.kmi.audit import FileAuditLog
+    srv = full_audit_server
+    before = [srv.post('/new') for _ in range(2)]
+    deks = [srv.post('/key', kek) for kek in before]
+    fill(srv.disk)
+    # The log's last page (tmpfs allocates pages) may take a few entries more.
+    for _ in range(40):
+        if srv.request('POST', '/key', before[0])[0] == 503:
+            break
+    for _ in range(4):  # both workers
+        assert srv.request('POST', '/key', before[0]) == (503, b'Audit log unavailable')
+        status, body = srv.request('POST', '/new', b'')
+        assert status == 503 and not body.startswith(PEM_START)
+    master = KeyManagementFacility(str(srv.storage))
+    assert sorted(master.keys()) == sorted(md5hex(k) for k in before)
+    (srv.disk / 'filler').unlink()
+    assert [srv.post('/key', kek) for kek in before] == deks
+    assert srv.post('/new').startswith(PEM_START)
+    count, _, broken = FileAuditLog(str(srv.audit_log)).verify()
+    assert broken is None and count >= 7  # 3 generates and 4 fetches at least
 
 
 # 3. Slow and idle clients ------------------------------------------------------------

@@ -7,11 +7,24 @@ called directly, as the package documentation does.
 from webob import Response
 from webob import exc
 
-__all__ = ['get_status', 'create_key', 'get_key']
+from keas.kmi.lifecycle import KeyStateError
+
+__all__ = ['get_status', 'create_key', 'get_key', 'rewrap_key']
 
 # Clients compare these bodies, so they are part of the API (FORMATS.md, 5).
 KEY_NOT_FOUND = 'Key not found'
 INVALID_KEK = 'Invalid key encrypting key'
+
+# The state of the key whose DEK an answer carries (active or deactivated),
+# or which refused it: clients learn from it that a key encrypts no more.
+KEY_STATE_HEADER = 'X-KMI-Key-State'
+
+# What a key in each refusing state answers.
+REFUSALS = {
+    'suspended': (403, 'Key suspended'),
+    'compromised': (403, 'Key compromised'),
+    'destroyed': (410, 'Key destroyed'),
+}
 
 
 def _plain(body, status=200):
@@ -43,13 +56,60 @@ def create_key(context, request):
     return _plain(context.generate())
 
 
-def get_key(context, request):
-    """``POST /key``: the data encrypting key belonging to the KEK in the body."""
+def answer_key(context, kek):
+    """``POST /key`` as ``(status code, body, headers, outcome, kid)``: the
+    DEK of ``kek``, or why not (``outcome`` says so in the audit log)."""
+    kid = None
     try:
-        dek = context.getEncryptionKey(request.body)
+        if getattr(context, '_native', False):
+            dek, state, kid = context._core.dek_and_state(context, kek)
+        else:
+            dek, state = context.getEncryptionKey(kek), None
+    except KeyStateError as refused:
+        code, text = REFUSALS.get(refused.state, (403, 'Key refused'))
+        return code, text.encode(), [(KEY_STATE_HEADER, refused.state)], refused.state, None
     except KeyError:
-        return _plain_error(exc.HTTPNotFound, KEY_NOT_FOUND)
+        return 404, KEY_NOT_FOUND.encode(), [], 'not found', None
     except ValueError:
         # A known name but a KEK that cannot be read: the client's mistake.
-        return _plain_error(exc.HTTPBadRequest, INVALID_KEK)
-    return _plain(dek)
+        return 400, INVALID_KEK.encode(), [], 'invalid KEK', None
+    return 200, dek, [(KEY_STATE_HEADER, state)] if state else [], 'ok', kid
+
+
+def _refused(code, body, headers):
+    error = {404: exc.HTTPNotFound, 400: exc.HTTPBadRequest, 403: exc.HTTPForbidden,
+             410: exc.HTTPGone}[code]
+    response = _plain_error(error, body.decode('ascii'))
+    response.headerlist.extend(headers)
+    return response
+
+
+def get_key(context, request):
+    """``POST /key``: the data encrypting key belonging to the KEK in the body."""
+    code, body, headers, _, _ = answer_key(context, request.body)
+    if code != 200:
+        return _refused(code, body, headers)
+    response = _plain(body)
+    response.headerlist.extend(headers)
+    return response
+
+
+def rewrap_key(context, request):
+    """``POST /rewrap``: a new KEK for the DEK of the KEK in the body; the old
+    entry is destroyed, or with ``?grace=SECONDS`` deactivated until then."""
+    grace = request.GET.get('grace')
+    try:
+        grace = float(grace) if grace else None
+        if grace is not None and not 0 < grace < 10 * 365 * 86400:
+            raise ValueError(grace)
+    except ValueError:
+        return _refused(400, b'grace must be a number of seconds', [])
+    try:
+        return _plain(context.rewrap(request.body, grace=grace))
+    except KeyStateError as refused:
+        code, text = REFUSALS.get(refused.state, (403, 'Key refused'))
+        return _refused(code, text.encode(), [(KEY_STATE_HEADER, refused.state)])
+    except KeyError:
+        return _refused(404, KEY_NOT_FOUND.encode(), [])
+    except ValueError:
+        return _refused(400, INVALID_KEK.encode(), [])

@@ -16,7 +16,8 @@ import sys
 from webob import Request
 from webob import Response
 
-from keas.kmi import _kmi, rest
+from keas.kmi import _kmi, lifecycle, rest
+from keas.kmi.audit import AuditError, requester
 from keas.kmi.facility import logged_by_server
 from keas.kmi.store import StoreUnavailable, is_database_url, redact
 
@@ -25,6 +26,8 @@ log = logging.getLogger('kmi')
 # What a client gets while the key store cannot be reached: retry shortly.
 STORE_UNAVAILABLE = 'Key storage unavailable'
 RETRY_AFTER = '2'
+# ... and while the audit log cannot be written: the request is refused.
+AUDIT_UNAVAILABLE = 'Audit log unavailable'
 
 # The exit status when the key store cannot be opened at start: gunicorn's
 # "App failed to load", which stops the server instead of restarting workers.
@@ -68,19 +71,33 @@ class KeyManagementApplication:
         '/': (('GET', 'HEAD'), 'status'),
         '/new': (('POST',), 'create_key'),
         '/key': (('POST',), 'get_key'),
+        '/rewrap': (('POST',), 'rewrap_key'),
     }
 
-    def __init__(self, facility, max_kek_size=MAX_KEK_SIZE):
+    def __init__(self, facility, max_kek_size=MAX_KEK_SIZE, client_address_header=None,
+                 client_subject_header=None):
         self.facility = facility
         self.max_kek_size = max_kek_size
+        # Set only behind a TLS-terminating proxy that overwrites these headers.
+        self.address_key = _environ_key(client_address_header)
+        self.subject_key = _environ_key(client_subject_header)
+
+    def requester(self, environ):
+        """Who asks, for the log and the audit log: the client's address, and
+        the certificate subject a trusted proxy passed on."""
+        address = environ.get(self.address_key) if self.address_key else None
+        subject = environ.get(self.subject_key) if self.subject_key else None
+        return {'client': address or environ.get('REMOTE_ADDR'), 'subject': subject}
 
     def __call__(self, environ, start_response):
         # This application logs each key event itself, with the client's
         # address; the facility's own line for it would say it twice.
         token = logged_by_server.set(True)
+        who = requester.set(self.requester(environ))
         try:
             return self.respond(environ, start_response)
         finally:
+            requester.reset(who)
             logged_by_server.reset(token)
 
     def respond(self, environ, start_response):
@@ -95,6 +112,11 @@ class KeyManagementApplication:
             log.error('%s %r from %s: %s', environ.get('REQUEST_METHOD'),
                       environ.get('PATH_INFO'), environ.get('REMOTE_ADDR'), error)
             response = _unavailable()
+        except AuditError as error:
+            # Fail closed: what cannot be logged is not done.
+            log.error('%s %r from %s refused: %s', environ.get('REQUEST_METHOD'),
+                      environ.get('PATH_INFO'), environ.get('REMOTE_ADDR'), error)
+            response = _plain(503, AUDIT_UNAVAILABLE, [('Retry-After', RETRY_AFTER)])
         except Exception:
             # The traceback goes to the log, never to the client.
             log.exception(
@@ -118,17 +140,25 @@ class KeyManagementApplication:
                         client, environ['CONTENT_LENGTH'])
             if length <= DRAIN_LIMIT:
                 _drain(environ['wsgi.input'], length)
+            self.audit_refusal('fetch', 'refused: body too large')
             return _plain(413, 'Request body too large',
                           [('Connection', 'close')])(environ, start_response)
         kek = environ['wsgi.input'].read(length)
         if len(kek) < length:
             return self.incomplete(client, len(kek), length)(environ, start_response)
-        status, body = self.answer_key(kek, client)
-        headers = [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))]
-        if status.startswith('503'):
-            headers.append(('Retry-After', RETRY_AFTER))
+        status, body, headers = self.answer_key(kek, client)
+        headers = [('Content-Type', 'text/plain'), ('Content-Length', str(len(body))),
+                   *headers]
         start_response(status, headers)
         return [body]
+
+    def audit_refusal(self, event, outcome):
+        """Log a refused request that names no key; best effort, as the
+        answer is a refusal anyway."""
+        try:
+            self.facility.audit(event, None, outcome)
+        except (AuditError, StoreUnavailable, AttributeError) as error:
+            log.error('cannot write the audit log: %s', error)
 
     @staticmethod
     def incomplete(client, received, length):
@@ -138,23 +168,38 @@ class KeyManagementApplication:
         return _plain(400, 'Incomplete request body', [('Connection', 'close')])
 
     def answer_key(self, kek, client):
-        """(status, body) for a DEK request, logged by the KEK's name."""
+        """(status, body, headers) for a DEK request, logged by the KEK's name
+        and written to the audit log before it is answered."""
+        headers = []
+        kid = None
         try:
-            status, body, outcome = '200 OK', self.facility.getEncryptionKey(kek), 'sent'
-        except KeyError:
-            status, body, outcome = '404 Not Found', rest.KEY_NOT_FOUND.encode(), 'not found'
-        except ValueError:
-            status, body, outcome = '400 Bad Request', rest.INVALID_KEK.encode(), 'invalid KEK'
+            code, body, headers, outcome, kid = rest.answer_key(self.facility, kek)
+            status = STATUS_LINES[code]
         except StoreUnavailable as error:
             log.error('data key for %s: %s', client, error)
             status, body, outcome = ('503 Service Unavailable', STORE_UNAVAILABLE.encode(),
                                      'key storage unavailable')
+            headers = [('Retry-After', RETRY_AFTER)]
         except Exception:
             log.exception('internal error on POST /key from %s', client)
             status, body, outcome = '500 Internal Server Error', b'Internal server error', 'error'
-        if log.isEnabledFor(logging.INFO):  # the md5 costs more than the lookup
-            log.info('data key %s for %s: %s', key_name(kek), client, outcome)
-        return status, body
+        name = None
+        auditing = getattr(self.facility, 'auditing', False)
+        if auditing or log.isEnabledFor(logging.INFO):
+            name = key_name(kek)  # the md5 costs more than the lookup
+        if auditing:
+            try:
+                self.facility.audit('fetch', name, outcome, kid)
+            except (AuditError, StoreUnavailable) as error:
+                # Fail closed: a DEK whose fetch cannot be logged is not sent.
+                log.error('data key %s for %s refused: %s', name, client, error)
+                text = AUDIT_UNAVAILABLE if isinstance(error, AuditError) else STORE_UNAVAILABLE
+                return ('503 Service Unavailable', text.encode(),
+                        [('Retry-After', RETRY_AFTER)])
+        if name is not None:
+            log.info('data key %s for %s: %s', name, client,
+                     'sent' if outcome == 'ok' else outcome)
+        return status, body, headers
 
     def handle(self, request):
         # The raw path (WSGI's latin-1 str): webob's path_info decodes it as
@@ -178,7 +223,7 @@ class KeyManagementApplication:
             log.error('cannot create a key for %s: %s', request.remote_addr, error)
             return _unavailable()
         except OSError as error:
-            if error.errno != errno.ENOSPC:
+            if error.errno != errno.ENOSPC or isinstance(error, AuditError):
                 raise
             log.error(
                 'cannot create a key for %s: no space left on the key storage (%s)',
@@ -196,11 +241,31 @@ class KeyManagementApplication:
                 request.remote_addr, self.max_kek_size,
             )
             return _plain(413, 'Request body too large', [('Connection', 'close')])
-        status, body = self.answer_key(kek, request.remote_addr)
-        headers = [('Content-Type', 'text/plain')]
-        if status.startswith('503'):
-            headers.append(('Retry-After', RETRY_AFTER))
-        return Response(body=body, status=status, headerlist=headers)
+        status, body, headers = self.answer_key(kek, request.remote_addr)
+        return Response(body=body, status=status,
+                        headerlist=[('Content-Type', 'text/plain'), *headers])
+
+    def rewrap_key(self, request):
+        kek = self.read_kek(request)
+        if kek is None:
+            self.audit_refusal('rewrap', 'refused: body too large')
+            return _plain(413, 'Request body too large', [('Connection', 'close')])
+        try:
+            response = rest.rewrap_key(self.facility, request)
+        except OSError as error:
+            if error.errno != errno.ENOSPC or isinstance(error, AuditError):
+                raise
+            log.error('cannot rewrap a key for %s: no space left on the key storage (%s)',
+                      request.remote_addr, error)
+            return _plain(503, 'Key storage is full')
+        if response.status_code == 200:
+            log.info('rewrapped key %s as %s for %s', key_name(kek),
+                     key_name(response.body), request.remote_addr)
+        else:
+            log.info('rewrap of key %s for %s: %s', key_name(kek), request.remote_addr,
+                     response.status)
+            self.audit_refusal('rewrap', 'refused: %s' % response.status)
+        return response
 
     def read_kek(self, request):
         """The request body, or None when it is longer than a KEK can be."""
@@ -219,6 +284,17 @@ class KeyManagementApplication:
             _drain(body, DRAIN_LIMIT - len(data))
             return None
         return b''
+
+
+STATUS_LINES = {200: '200 OK', 400: '400 Bad Request', 403: '403 Forbidden',
+                404: '404 Not Found', 410: '410 Gone'}
+
+
+def _environ_key(header):
+    """The WSGI environ key of an HTTP request header name."""
+    if not header:
+        return None
+    return 'HTTP_' + header.strip().upper().replace('-', '_')
 
 
 def _unavailable():
@@ -268,7 +344,15 @@ def application_factory(global_config, **settings):
     try:
         if not is_database_url(location):
             make_storage_dir(location)
-        facility = KeyManagementFacility(location, **options)
+        audit_log = settings.get('audit-log', '').strip()
+        if audit_log:
+            if is_database_url(location):
+                raise ValueError('audit-log names a file, for a directory store; a '
+                                 'database keeps its audit log in a table')
+            options['audit_log'] = os.path.abspath(audit_log)
+        facility = KeyManagementFacility(
+            location, audit=_flag(settings.get('audit', 'on'), 'audit'), **options)
+        facility.deactivateAfter = lifecycle.parse_period(settings.get('deactivate-after'))
     except (OSError, ValueError, ImportError) as error:
         # One line, no traceback: the operator fixes the database or the URL.
         message = str(error)
@@ -281,7 +365,19 @@ def application_factory(global_config, **settings):
             print('keas.kmi: ' + message, file=sys.stderr, flush=True)
         raise SystemExit(EXIT_STORE_FAILED) from None
     log.info('key storage: %s', shown)
-    return KeyManagementApplication(facility)
+    return KeyManagementApplication(
+        facility,
+        client_address_header=settings.get('client-address-header', '').strip() or None,
+        client_subject_header=settings.get('client-subject-header', '').strip() or None)
+
+
+def _flag(value, name):
+    text = str(value).strip().lower()
+    if text in ('on', 'true', 'yes', '1'):
+        return True
+    if text in ('off', 'false', 'no', '0'):
+        return False
+    raise ValueError('%s must be on or off, not %r' % (name, value))
 
 
 if __name__ == '__main__':
