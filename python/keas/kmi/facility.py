@@ -131,12 +131,19 @@ class EncryptionService(object):
             v2key = keys[dek] = _kmi.V2Key(dek)
         return v2key
 
+    def _checkEncrypting(self, key):
+        """Refuse (``KeyStateError``) a key that may not encrypt any more."""
+
     def encrypt(self, key, data, associated_data=b''):
         """See interfaces.IEncryptionService"""
         if _check_format(self) == V2:
-            return self._v2Key(key).seal(data, associated_data)
+            sealer = self._v2Key(key)
+            self._checkEncrypting(key)
+            return sealer.seal(data, associated_data)
         _check_legacy(self, associated_data, reading=False)
-        return _kmi.encrypt(self._cipherKey(key), self.initializationVector, data)
+        cipher = self._cipherKey(key)
+        self._checkEncrypting(key)
+        return _kmi.encrypt(cipher, self.initializationVector, data)
 
     def decrypt(self, key, data, associated_data=b''):
         """See interfaces.IEncryptionService; ValueError for anything but our ciphertext."""
@@ -152,10 +159,14 @@ class EncryptionService(object):
         ``chunksize`` is how much is read at a time; it does not change the output.
         """
         if _check_format(self) == V2:
-            self._v2Key(key).seal_file(fsrc, fdst, chunksize, associated_data)
+            sealer = self._v2Key(key)
+            self._checkEncrypting(key)
+            sealer.seal_file(fsrc, fdst, chunksize, associated_data)
             return
         _check_legacy(self, associated_data, reading=False)
-        _kmi.encrypt_file(self._cipherKey(key), fsrc, fdst, chunksize)
+        cipher = self._cipherKey(key)
+        self._checkEncrypting(key)
+        _kmi.encrypt_file(cipher, fsrc, fdst, chunksize)
 
     def decrypt_file(self, key, fsrc, fdst, chunksize=DEFAULT_CHUNKSIZE,
                      associated_data=b''):
@@ -437,6 +448,15 @@ class KeyManagementFacility(EncryptionService):
             return super()._v2Key(key)
         return self._core.v2key(self, key)
 
+    def _checkEncrypting(self, key):
+        # A subclass may give DEKs the store does not hold: no state to obey.
+        name = _kmi.kek_name(key)
+        meta = self.store.meta(name)
+        if meta is not None:
+            state = lifecycle.effective_state(meta, self.deactivateAfter)
+            if state not in lifecycle.ENCRYPTS:
+                raise self._refuse(name, state, True)
+
     def encrypt(self, key, data, associated_data=b''):
         if not self._native:
             return super().encrypt(key, data, associated_data)
@@ -503,6 +523,7 @@ class LocalKeyManagementFacility(EncryptionService):
         raise ValueError('unsupported URL scheme in %r' % self.url)
 
     def _post(self, path, body, headers):
+        """The body of a 200 answer to a POST, and the key state it names."""
         conn = self._connection()
         try:
             conn.request('POST', path, body, headers)
@@ -519,29 +540,52 @@ class LocalKeyManagementFacility(EncryptionService):
             if close is not None:
                 close()
         status = getattr(response, 'status', 200)
+        getheader = getattr(response, 'getheader', None)
+        state = getheader(lifecycle.KEY_STATE_HEADER) if getheader is not None else None
+        text = data.decode('utf-8', 'replace')
+        if status in (403, 410) and state:
+            raise lifecycle.KeyStateError(_kmi.kek_name(body) if body else path, state,
+                                          'be used')
         if status == 404:
-            raise KeyError(data.decode('utf-8', 'replace') or path)
+            raise KeyError(text or path)
         if status == 400:
-            raise ValueError('key service %s refused the key: %s'
-                             % (self.url, data.decode('utf-8', 'replace')))
+            raise ValueError('key service %s refused the key: %s' % (self.url, text))
         if status != 200:
             raise KeyServiceError('key service %s answered %s %s on %s'
                                   % (self.url, status,
                                      getattr(response, 'reason', ''), path))
-        return data
+        return data, state
 
     def generate(self):
         """See interfaces.IKeyGenerationService"""
-        return self._post('/new', b'', {})
+        return self._post('/new', b'', {})[0]
 
     def getEncryptionKey(self, key):
         """The DEK for ``key``, from the cache or the master facility."""
         cached = self.__cache.get(key)
         if cached is not None and cached[0] + self.timeout > time.time():
             return cached[1]
-        dek = self._post('/key', key, {'content-type': 'text/plain'})
-        self.__cache[key] = (time.time(), dek)
+        dek, state = self._post('/key', key, {'content-type': 'text/plain'})
+        self.__cache[key] = (time.time(), dek, state)
         return dek
+
+    def keyState(self, key):
+        """The state the server gave with ``key``'s DEK (``None`` from a server
+        that does not say): fetched if it is not cached."""
+        self.getEncryptionKey(key)
+        return self.__cache[key][2]
+
+    def _checkEncrypting(self, key):
+        if self.keyState(key) not in (None, lifecycle.ACTIVE):
+            raise lifecycle.KeyStateError(_kmi.kek_name(key), self.keyState(key), 'encrypt')
+
+    def rewrap(self, key, grace=None):
+        """A new KEK for the DEK of ``key``, from the master facility (see
+        ``KeyManagementFacility.rewrap``); the old KEK is forgotten here."""
+        path = '/rewrap' if grace is None else '/rewrap?grace=%s' % float(grace)
+        new, _ = self._post(path, key, {'content-type': 'text/plain'})
+        self.__cache.pop(key, None)
+        return new
 
     def __repr__(self):
         return '<%s %r>' % (self.__class__.__name__, self.url)

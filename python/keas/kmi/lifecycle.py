@@ -36,6 +36,10 @@ TRANSITIONS = {
     DESTROYED: (),
 }
 
+# The response header that names the state of a key: the key server sends it
+# with every DEK (active or deactivated) and every refusal of one.
+KEY_STATE_HEADER = 'X-KMI-Key-State'
+
 # What a facility may do with a key's DEK in each state.
 SERVES = frozenset([ACTIVE, DEACTIVATED])
 ENCRYPTS = frozenset([ACTIVE])

@@ -7,17 +7,13 @@ called directly, as the package documentation does.
 from webob import Response
 from webob import exc
 
-from keas.kmi.lifecycle import KeyStateError
+from keas.kmi.lifecycle import KEY_STATE_HEADER, KeyStateError
 
 __all__ = ['get_status', 'create_key', 'get_key', 'rewrap_key']
 
 # Clients compare these bodies, so they are part of the API (FORMATS.md, 5).
 KEY_NOT_FOUND = 'Key not found'
 INVALID_KEK = 'Invalid key encrypting key'
-
-# The state of the key whose DEK an answer carries (active or deactivated),
-# or which refused it: clients learn from it that a key encrypts no more.
-KEY_STATE_HEADER = 'X-KMI-Key-State'
 
 # What a key in each refusing state answers.
 REFUSALS = {

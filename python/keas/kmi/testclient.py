@@ -17,6 +17,7 @@ examples:
   testclient https://localhost:8080                      status page
   testclient https://localhost:8080 -n > kek.dat         new key encrypting key
   testclient https://localhost:8080 -g kek.dat > dek.bin data key of a KEK
+  testclient https://localhost:8080 -r kek.dat > new.dat new KEK for the same data key
   testclient https://localhost:8080 -e kek.dat data.txt > data.enc
   testclient https://localhost:8080 -d kek.dat data.enc > data.txt
 """
@@ -55,12 +56,21 @@ def make_parser():
         help='write the data key of the KEK in this file to standard output',
     )
     action.add_argument(
+        '-r', '--rewrap', metavar='KEK',
+        help='write a new KEK for the data key of the KEK in this file to standard '
+        'output; the server destroys the old entry (see --grace)',
+    )
+    action.add_argument(
         '-e', '--encrypt', nargs=2, metavar=('KEK', 'FILE'),
         help='encrypt FILE (- for standard input) with the data key of KEK',
     )
     action.add_argument(
         '-d', '--decrypt', nargs=2, metavar=('KEK', 'FILE'),
         help='decrypt FILE (- for standard input) with the data key of KEK',
+    )
+    parser.add_argument(
+        '--grace', type=float, metavar='SECONDS',
+        help='with -r: keep the old KEK working (deactivated) this long, then destroy it',
     )
     tls = parser.add_argument_group('TLS')
     tls.add_argument(
@@ -210,6 +220,11 @@ def run(args):
         return client.call('POST', '/new', b'')
     if args.get_key:
         return client.call('POST', '/key', read_file(args.get_key, 'key encrypting key'))
+    if args.rewrap:
+        path = '/rewrap' if args.grace is None else '/rewrap?grace=%g' % args.grace
+        return client.call('POST', path, read_file(args.rewrap, 'key encrypting key'))
+    if args.grace is not None:
+        raise ClientError('--grace goes with -r')
     status = client.call('GET', '/')
     return status.rstrip(b'\n') + b'\n'
 

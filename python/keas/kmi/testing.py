@@ -56,8 +56,8 @@ class FakeHTTPConnection(object):
         request = webob.Request.blank(url, method=method, body=body,
                                       headers=headers)
         views = {'/': rest.get_status, '/new': rest.create_key,
-                 '/key': rest.get_key}
-        view = views.get(url)
+                 '/key': rest.get_key, '/rewrap': rest.rewrap_key}
+        view = views.get(url.split('?', 1)[0])
         if view is None:
             return FakeHTTPResponse(webob.exc.HTTPNotFound())
         return FakeHTTPResponse(view(self.context, request))
