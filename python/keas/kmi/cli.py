@@ -38,8 +38,8 @@ def make_parser():
 
 
 def _registrations():
-    from keas.kmi import migrate, storecopy
-    return [storecopy.register, migrate.register]
+    from keas.kmi import keyadmin, migrate, storecopy
+    return [keyadmin.register, storecopy.register, migrate.register]
 
 
 def main(argv=None):

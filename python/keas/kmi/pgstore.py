@@ -522,7 +522,8 @@ def _meta_params(meta):
 
 def _get(conn, q, name):
     row = conn.execute(q['get'], [name], binary=True).fetchone()
-    return None if row is None else bytes(row[0])
+    # No row, or a destroyed key's row (its wrapped DEK erased).
+    return None if row is None or row[0] is None else bytes(row[0])
 
 
 class PostgresStore(KeyStore):
