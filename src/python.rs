@@ -578,15 +578,23 @@ struct Facility {
     state_refresh: f64,
 }
 
-/// The owner's exception for a use its key's state refuses.
-fn refusal(owner: &Bound<'_, PyAny>, name: &str, state: KeyState, encrypting: bool) -> PyErr {
-    match owner.call_method1(
+/// A use its key's state does not allow: the owner's exception, or `Ok`
+/// when the owner makes an exception (`_refuse` returns None: a re-encryption
+/// told to read a compromised key).
+fn refusal(
+    owner: &Bound<'_, PyAny>,
+    name: &str,
+    state: KeyState,
+    encrypting: bool,
+) -> PyResult<()> {
+    let error = owner.call_method1(
         intern!(owner.py(), "_refuse"),
         (name, state.as_str(), encrypting),
-    ) {
-        Ok(error) => PyErr::from_value(error),
-        Err(error) => error,
+    )?;
+    if error.is_none() {
+        return Ok(());
     }
+    Err(PyErr::from_value(error))
 }
 
 type NewKey<'py> = (
@@ -650,7 +658,7 @@ impl Facility {
         let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
         let state = KeyState::parse(&state)?;
         if !state.allows(encrypting) {
-            return Err(refusal(owner, &name, state, encrypting));
+            refusal(owner, &name, state, encrypting)?;
         }
         let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
         let passphrase = owner_passphrase(owner)?;
@@ -684,7 +692,7 @@ impl Facility {
             None => return Ok(KeyState::Active), // evicted meanwhile: just unwrapped
         };
         if !state.allows(encrypting) {
-            return Err(refusal(owner, &facility::kek_name(kek), state, encrypting));
+            refusal(owner, &facility::kek_name(kek), state, encrypting)?;
         }
         Ok(state)
     }
@@ -770,7 +778,7 @@ impl Facility {
         let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
         let state = KeyState::parse(&state)?;
         if !state.allows(false) {
-            return Err(refusal(owner, &name, state, false));
+            refusal(owner, &name, state, false)?;
         }
         let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
         let passphrase = owner_passphrase(owner)?;

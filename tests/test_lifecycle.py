@@ -418,3 +418,18 @@ def test_the_reference_no_longer_lists_a_destroyed_key(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == [repr([_kmi.kek_name(other)]), '64']
+
+
+def test_a_compromised_key_decrypts_only_when_told_to(store_location):
+    kmf, kek, legacy, v2 = made(store_location)
+    kmf.change_state(_kmi.kek_name(kek), 'compromised', 'KEK leaked')
+    with pytest.raises(KeyStateError):
+        kmf.decrypt(kek, legacy)
+    reencrypting = facility(store_location)
+    reencrypting.allowCompromised = True
+    assert reencrypting.decrypt(kek, legacy) == PLAIN
+    assert reencrypting.decrypt(kek, v2) == PLAIN
+    with pytest.raises(KeyStateError, match='compromised'):
+        reencrypting.encrypt(kek, PLAIN)
+    app = wsgi.KeyManagementApplication(facility(store_location))
+    assert call(app, '/key', kek)[0] == 403  # never through the server

@@ -249,6 +249,9 @@ class KeyManagementFacility(EncryptionService):
     stateRefresh = 1.0
     deactivateAfter = None
     auditing = False
+    # Only for re-encrypting the data of a compromised key (kmi reencrypt-*
+    # --allow-compromised): its DEK decrypts again, never encrypts.
+    allowCompromised = False
 
     # True while a class keeps our getEncryptionKey and _bytesToKey, so that
     # encrypt/decrypt may look the cipher up in Rust in one call.
@@ -274,7 +277,7 @@ class KeyManagementFacility(EncryptionService):
             wrapped = self.store.get(name)
         except KeyError:
             if self.store.meta(name) is not None:  # its metadata outlived it
-                raise self._refuse(name, lifecycle.DESTROYED, False) from None
+                raise lifecycle.KeyStateError(name, lifecycle.DESTROYED, 'be used') from None
             raise
         if not logged_by_server.get():
             logger.info('Encryption key requested: %s', name)
@@ -291,7 +294,13 @@ class KeyManagementFacility(EncryptionService):
         return state
 
     def _refuse(self, name, state, encrypting):
-        """The exception for a use of key ``name`` its ``state`` does not allow."""
+        """The exception for a use of key ``name`` its ``state`` does not
+        allow; None for the one exception: with ``allowCompromised``, a
+        compromised key still decrypts (for re-encrypting what it holds)."""
+        if (state == lifecycle.COMPROMISED and self.allowCompromised and not encrypting):
+            logger.warning('key %s is compromised: used to decrypt, as allowCompromised '
+                           'says', name)
+            return None
         return lifecycle.KeyStateError(name, state, 'encrypt' if encrypting else 'be used')
 
     # The key lifecycle.
