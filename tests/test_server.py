@@ -209,9 +209,9 @@ class Server:
         finally:
             conn.close()
 
-    def post(self, path, body=b''):
+    def post(self, path, body=b'', expect=200):
         status, data = self.request('POST', path, body)
-        assert status == 200, (status, data)
+        assert status == expect, (status, data)
         return data
 
     def stop(self):
@@ -1110,3 +1110,43 @@ def test_two_instances_over_one_storage(twins):
     assert all(len(dek) == 128 for _, dek in results)
     for srv in twins:
         assert srv.request('GET', '/') == (200, b'KMS server holding %d keys' % keys)
+
+
+def test_rewrap_and_destroy_end_to_end_over_https(server, pki, tmp_path):
+    """testclient -r over HTTPS; then the old KEK gets 410 while data in both
+    formats reads with the new one; destroying the new key makes it 410 too;
+    the audit log holds every step and verifies."""
+    ca = ['--ca-certificate', pki.ca]
+    local = LocalKeyManagementFacility(server.url, cafile=str(pki.ca),
+                                       certfile=pki.client[0], keyfile=pki.client[1])
+    old = local.generate()
+    (tmp_path / 'old.kek').write_bytes(old)
+    legacy = local.encrypt(old, b'data from before')
+    local.dataFormat = 2
+    v2 = local.encrypt(old, b'data from before', b'record 1')
+    code, new, err = run_testclient(server.url, *ca, '-r', 'old.kek', cwd=tmp_path)
+    assert code == 0 and new.startswith(b"-----BEGIN RSA PRIVATE KEY-----"), err
+    (tmp_path / 'new.kek').write_bytes(new)
+    assert server.post('/key', old, expect=410) == b'Key destroyed'
+    code, _, err = run_testclient(server.url, *ca, '-g', 'old.kek', cwd=tmp_path)
+    assert code == 1 and '410' in err
+    fresh = LocalKeyManagementFacility(server.url, cafile=str(pki.ca),
+                                       certfile=pki.client[0], keyfile=pki.client[1])
+    assert fresh.decrypt(new, legacy) == b'data from before'
+    assert fresh.decrypt(new, v2, b'record 1') == b'data from before'
+    assert fresh.keyState(new) == 'active'
+    master = KeyManagementFacility(str(server.storage))
+    master.change_state(md5hex(new), 'deactivated', 'rotated out')
+    time.sleep(1.5)  # the servers read key states again every second
+    fresh.timeout = 0
+    assert fresh.decrypt(new, legacy) == b'data from before'
+    with pytest.raises(ValueError, match='deactivated'):
+        fresh.encrypt(new, b'new data')
+    master.change_state(md5hex(new), 'destroyed', 'data re-encrypted')
+    time.sleep(1.5)
+    assert server.post('/key', new, expect=410) == b'Key destroyed'
+    assert not (server.storage / (md5hex(new) + '.dek')).exists()
+    assert (server.storage / (md5hex(new) + '.meta')).exists()
+    from keas.kmi.audit import FileAuditLog
+    count, _, broken = FileAuditLog(str(server.storage / 'audit.jsonl')).verify()
+    assert broken is None and count >= 8

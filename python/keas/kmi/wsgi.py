@@ -250,6 +250,7 @@ class KeyManagementApplication:
         if kek is None:
             self.audit_refusal('rewrap', 'refused: body too large')
             return _plain(413, 'Request body too large', [('Connection', 'close')])
+        request.body = kek  # read once, within the limit; the view reads it again
         try:
             response = rest.rewrap_key(self.facility, request)
         except OSError as error:
