@@ -342,9 +342,9 @@ class Row:
         if m is None:
             return '-'
         lo, hi = self.spread(side)
-        f = {'time': fmt_time, 'rate': fmt_num,
+        f = {'time': fmt_time, 'rate': fmt_num, 'bytes': fmt_num,
              'mib': lambda v: '%.1f' % v}[self.kind]
-        suffix = {'time': '', 'rate': ' req/s', 'mib': ' MiB'}[self.kind]
+        suffix = {'time': '', 'rate': ' req/s', 'mib': ' MiB', 'bytes': ' B'}[self.kind]
         n = len(self.samples[side])
         if n == 1:
             return f(m) + suffix
@@ -1126,6 +1126,43 @@ end
         finally:
             self.stop_servers()
 
+    def audit(self):
+        """Warm POST /key through our server with the audit log on and off."""
+        loader = 'wrk -t1 -c4' if shutil.which('wrk') else 'benchmarks/loadgen.py (no wrk)'
+        row = self.row('WSGI POST /key, warm, TLS, audit log on (ref column: off)',
+                       kind='rate', target='>= 0.5x off')
+        row.goal = speedup_goal(0.5)
+        size = self.row('  audit log: bytes per entry (ours only)', kind='bytes')
+        with open(self.keks['legacy']['kek_path'], 'rb') as f:
+            kek = f.read()
+        script = self.wrk_script(kek, self.dek)
+        log_path = os.path.join(RUN, 'audit-bench.jsonl')
+        try:
+            ports = {
+                'ours': self.start_make_serve(self.store, name='audit-on',
+                                              app_settings={'audit-log': log_path}),
+                'ref': self.start_make_serve(self.store, name='audit-off',
+                                             app_settings={'audit': 'off'}),
+            }
+            row.note = ('load: %s, %d s per run, over TLS; both: our server as make '
+                        'serve runs it, over one key directory; on: every POST /key is '
+                        'written to the log before it is answered (fsync once a second)'
+                        % (loader, P['wsgi_seconds']))
+            self.wsgi_rounds(row, ports, kek, script, tls=True)
+        except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+            row.fail(e)
+        finally:
+            self.stop_servers()
+        try:
+            with open(log_path, 'rb') as f:
+                lines = f.read().splitlines()
+            check(lines, 'the audit log is empty')
+            self.record(size, 'ours', sum(len(line) + 1 for line in lines) / len(lines),
+                        entries=len(lines))
+            size.note = '%d entries of fetch events, one JSON line each' % len(lines)
+        except (OSError, CheckFailed) as e:
+            size.fail(e)
+
     def wsgi_rounds(self, row, ports, kek, script, tls):
         """Alternating load runs against ports {'ours': port, 'ref': port}."""
         kek_path = self.keks['legacy']['kek_path']
@@ -1479,7 +1516,7 @@ end
         os.makedirs(WORK, exist_ok=True)
         # BENCH_ONLY=wsgi,cold: only these sections (comma-separated), for a partial run.
         sections = ('small', 'bulk', 'files', 'generate', 'cold', 'zodb', 'v2', 'wsgi',
-                    'stores', 'memory')
+                    'stores', 'audit', 'memory')
         only = [name.strip() for name in os.environ.get('BENCH_ONLY', '').split(',')
                 if name.strip()]
         unknown = sorted(set(only) - set(sections))
@@ -1513,6 +1550,7 @@ end
                     self.files_v2, self.measure_openssl_gcm, self.zodb_v2)
             section('wsgi', self.wsgi)
             section('stores', self.stores)
+            section('audit', self.audit)
             for side in SIDES:
                 self.workers[side].stop()
             section('memory', self.memory)
