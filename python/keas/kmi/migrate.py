@@ -224,7 +224,7 @@ def reencrypt_zodb(args):
 
     db = open_database(args.database)
     counts = {'objects': 0, 'encrypted': 0, 'rewritten': 0, 'already': 0,
-              'conflicts': 0}
+              'conflicts': 0, 'by others': 0, 'found later': 0}
     moved = collections.Counter()
     try:
         storage = db.storage
@@ -250,6 +250,7 @@ def reencrypt_zodb(args):
                     migrator.flush()
             migrator.flush()
         transaction.abort()
+        walked = counts['rewritten']
         # Objects the walk could not see (moved by another client from where
         # it had not been to where it had) show in the verification: move
         # them and verify again.
@@ -257,6 +258,7 @@ def reencrypt_zodb(args):
             verified, legacy, others = verify_zodb(db, counts['objects'], target_kid)
             if not others or rounds == 2:
                 break
+            counts['found later'] += len(others)
             for oid, source in others.items():
                 migrator.add(oid, source)
                 if len(migrator.pending) >= args.batch:
@@ -272,13 +274,18 @@ def reencrypt_zodb(args):
     kid = target_kid.hex()
     print('%d objects, %d encrypted: %d re-encrypted to v2 under kid %s, %d were '
           'under it already' % (counts['objects'], counts['encrypted'],
-                                counts['rewritten'], kid, counts['already']))
+                                walked, kid, counts['already']))
     if moved:
         print('moved: ' + ', '.join(
             '%d from %s' % (n, source if source == LEGACY_SOURCE else 'kid ' + source)
             for source, n in sorted(moved.items(), key=lambda item: (-item[1], item[0]))))
+    if counts['found later']:
+        print('the verification found %d more states not under the new key (written '
+              'under another key since, or moved by another client): %d moved'
+              % (counts['found later'], counts['rewritten'] - walked))
     if counts['conflicts']:
-        print('%d write conflicts with other clients, retried' % counts['conflicts'])
+        print('%d write conflicts with other clients, retried; %d states they wrote '
+              'under the new key meanwhile' % (counts['conflicts'], counts['by others']))
     other = sum(1 for source in others.values() if source != LEGACY_SOURCE)
     print('verified: %d objects load, %d encrypted states still legacy, %d under '
           'another kid than %s' % (verified, legacy, other, kid))
@@ -332,8 +339,9 @@ class _Migrator:
                 self.counts['conflicts'] += 1
                 for oid in list(batch):
                     source = _source(stored_header(self.conn, oid), self.target_kid)
-                    if source is None:
+                    if source is None:  # the other client wrote it under our key
                         del batch[oid]
+                        self.counts['by others'] += 1
                     else:
                         batch[oid] = source
                 if not batch:
