@@ -4,7 +4,6 @@ that an application can move to a new key while its data still names the old.
 """
 import threading
 
-import zope.interface
 from zope.interface import implementer
 
 from keas.kmi import _kmi
