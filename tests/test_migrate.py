@@ -114,7 +114,8 @@ def test_reencrypt_zodb_moves_every_state_to_v2(keys, tmp_path):
     kmf.acceptLegacy = False  # step 4 of the migration: legacy refused
     check_contents(path, 2000)
     again = kmi('reencrypt-zodb', path, '--kek', kek_file, '--keys', store)
-    assert '0 re-encrypted to v2, 2000 were v2 already' in again.stdout
+    assert '0 re-encrypted to v2 under kid %s, 2000 were under it already' \
+        % kmf.kid(kek).hex() in again.stdout
 
 
 def test_reencrypt_zodb_killed_mid_run_and_run_again(keys, tmp_path):

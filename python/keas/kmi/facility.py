@@ -188,6 +188,12 @@ class EncryptionService(object):
                 fdst.truncate()
             raise
 
+    def kid(self, key):
+        """The 16-byte v2 kid of ``key``'s DEK: what v2 ciphertexts under it
+        carry at bytes 10-26 (a key ring matches them by it). It survives a
+        rewrap; a deactivated key still has one."""
+        return self._v2Key(key).kid
+
 
 class _DekCacheView(Mapping):
     """The master's DEK cache seen as ``{md5 name: (fetch time, DEK)}``."""

@@ -3,8 +3,9 @@
 The state of an ``EncryptedPersistent`` is pickled with every persistent
 object it refers to replaced by an index into a list of references; the pickle
 is encrypted and stored as ``(ciphertext, references)``, so ZODB still sees
-and follows the references. The key comes from the ``IKeyHolder`` utility,
-the cipher from the ``IEncryptionService`` utility.
+and follows the references. The key comes from the ``IKeyHolder`` utility
+(for reading, from a key ring's KEK that the ciphertext names), the cipher
+from the ``IEncryptionService`` utility.
 """
 import io
 import threading
@@ -33,9 +34,9 @@ class EncryptedPersistent(persistent.Persistent):
         super(EncryptedPersistent, self).__setstate__(state)
 
 
-def _key_and_service():
-    """The key holder's key and the encryption service: ``getUtility`` for
-    both, from one site manager lookup."""
+def _holder_and_service():
+    """The key holder and the encryption service: ``getUtility`` for both,
+    from one site manager lookup."""
     registry = getSiteManager()
     holder = registry.queryUtility(IKeyHolder)
     if holder is None:
@@ -43,20 +44,34 @@ def _key_and_service():
     service = registry.queryUtility(IEncryptionService)
     if service is None:
         raise ComponentLookupError(IEncryptionService, '')
+    return holder, service
+
+
+def _key_and_service():
+    """The key holder's key (the one new states are written under) and the
+    encryption service."""
+    holder, service = _holder_and_service()
     return holder.key, service
 
 
 def encrypt_state(state):
-    """``(encrypt(key, pickle), references)`` for an object's plain state."""
-    key, service = _key_and_service()
+    """``(encrypt(key, pickle), references)`` for an object's plain state,
+    under the key holder's ``key`` (a key ring's primary)."""
+    holder, service = _holder_and_service()
     data, refs = pickle_nonpersistent(state)
-    return service.encrypt(key, data), refs
+    return service.encrypt(holder.key, data), refs
 
 
 def decrypt_state(state):
-    """The plain state from what ``encrypt_state`` returned."""
+    """The plain state from what ``encrypt_state`` returned.
+
+    A key ring (``keas.kmi.keyholder.IKeyRing``) chooses the KEK by the kid
+    the ciphertext names; any other key holder gives its one ``key``.
+    """
     encrypted, refs = state
-    key, service = _key_and_service()
+    holder, service = _holder_and_service()
+    choose = getattr(holder, 'getDecryptionKey', None)
+    key = holder.key if choose is None else choose(encrypted, service)
     return unpickle_nonpersistent(service.decrypt(key, encrypted), refs)
 
 
