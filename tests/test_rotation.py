@@ -3,6 +3,7 @@
 server while an application keeps writing), then deactivating and
 destroying the old key."""
 import collections
+import hashlib
 import os
 import pathlib
 import random
@@ -642,3 +643,29 @@ def test_a_state_the_walk_missed_is_moved_after_the_verification(keys, tmp_path,
     assert 'verified: %d objects load, 0 encrypted states still legacy' % (n + 2) in out
     assert len(walks) == 3  # the walk, the verification that found it, the one after
     assert set(headers(path).values()) == {keys.new_kid}
+
+
+def test_a_compromised_key_is_re_encrypted_only_with_the_flag(tmp_path, zca):
+    from test_migrate import kmi, make_database, states
+    from keas.kmi import facility, interfaces, keyholder
+    from zope.component import provideUtility
+    store = tmp_path / 'keys'
+    kmf = facility.KeyManagementFacility(str(store))
+    old, new = kmf.generate(), kmf.generate()
+    (tmp_path / 'old.kek').write_bytes(old)
+    (tmp_path / 'new.kek').write_bytes(new)
+    provideUtility(kmf, interfaces.IEncryptionService)
+    provideUtility(keyholder.KeyHolder(str(tmp_path / 'old.kek')))
+    path = tmp_path / 'Data.fs'
+    make_database(path, 20)
+    kmf.change_state(hashlib.md5(old).hexdigest(), 'compromised', 'KEK leaked')
+    args = ['reencrypt-zodb', path, '--kek', tmp_path / 'old.kek', '--to',
+            tmp_path / 'new.kek', '--keys', store]
+    refused = kmi(*args, check=False)
+    assert refused.returncode == 1 and 'compromised' in refused.stderr
+    done = kmi(*args, '--allow-compromised')
+    assert 'verified: 22 objects load' in done.stdout
+    assert len(set(states(path).values())) == 1
+    via_server = kmi('reencrypt-zodb', path, '--kek', tmp_path / 'old.kek', '--keys',
+                     'https://127.0.0.1:1', '--allow-compromised', check=False)
+    assert via_server.returncode == 1 and 'key store' in via_server.stderr

@@ -46,6 +46,9 @@ def add_key_options(parser, several=False):
     parser.add_argument('--keys', required=True, metavar='LOCATION',
                         help='the master facility: its storage directory or PostgreSQL '
                         'URL, or the https:// URL of a key server')
+    parser.add_argument('--allow-compromised', action='store_true',
+                        help='read data under a compromised key, to re-encrypt it '
+                        '(needs --keys to be the key store itself, not a server)')
     tls = parser.add_argument_group('TLS to a key server (as testclient)')
     tls.add_argument('--ca-certificate', metavar='FILE',
                      help='trust the server certificates this CA file signs')
@@ -82,6 +85,14 @@ def open_service(args):
             service = KeyManagementFacility(location)
         except OSError as error:
             raise CommandError('cannot open the key store %s: %s' % (location, error))
+        # A compromised key is refused everywhere but here, when asked:
+        # its data is what needs re-encrypting (it still never encrypts).
+        service.allowCompromised = bool(getattr(args, 'allow_compromised', False))
+    if getattr(args, 'allow_compromised', False) and not isinstance(
+            service, KeyManagementFacility):
+        raise CommandError('--allow-compromised needs --keys to name the key store '
+                           '(a directory or a PostgreSQL URL): a server never serves '
+                           'a compromised key')
     service.dataFormat = 2
     return service
 
