@@ -354,12 +354,15 @@ impl FileDecryptor {
         if data.is_empty() {
             return Ok(());
         }
+        // Whole blocks past the stated size are ignored, as keas.kmi always
+        // did: encrypt_file over a longer old file, not truncated, leaves the
+        // old tail there. (A length that is no whole number of blocks, or a
+        // stream shorter than its size, is still an error: see `finish`.)
         let seen = u128::from(self.written).div_ceil(BLOCK as u128) * BLOCK as u128;
-        if seen + data.len() as u128 > self.padded_size() {
-            return Err(KmiError::bad_data(format!(
-                "encrypted file is longer than its header's size of {} bytes (corrupt or not this format)",
-                self.size
-            )));
+        let room = self.padded_size().saturating_sub(seen);
+        let data = &data[..(data.len() as u128).min(room) as usize];
+        if data.is_empty() {
+            return Ok(());
         }
         let start = out.len();
         out.resize(start + data.len(), 0);
@@ -519,9 +522,12 @@ mod tests {
         let file = encrypt_stream(&c, b"some file content", 7);
         assert!(decrypt_stream(&c, &file[..file.len() - 1], 5).is_err());
         assert!(decrypt_stream(&c, &file[..file.len() - 16], 5).is_err());
+        // Whole blocks after the stated size are an old file's tail: ignored.
         let mut longer = file.clone();
-        longer.extend_from_slice(&[0u8; 16]);
-        assert!(decrypt_stream(&c, &longer, 5).is_err());
+        longer.extend_from_slice(&[0u8; 32]);
+        assert_eq!(decrypt_stream(&c, &longer, 5).unwrap(), b"some file content");
+        longer.push(0);
+        assert!(decrypt_stream(&c, &longer, 5).is_err(), "not a whole block");
         let mut bad = file.clone();
         let last = bad.len() - 1;
         bad[last] ^= 0x55;

@@ -874,3 +874,32 @@ def test_zodb_updates_round_trip(kmi, ref, our_store, tmp_path, holder_kind):
     _assert_all_identical(ours)
     assert 'added-2' in ours['items']
     assert ours == theirs
+
+
+def test_a_stream_with_an_old_tail_reads_as_the_reference_reads_it(kmi, ref, our_store,
+                                                                    tmp_path):
+    """encrypt_file over a longer old file, not truncated, leaves whole blocks
+    of the old one after the stated size: both read the stated size."""
+    kek = our_store.keks['ours-0']
+    fac = our_facility(kmi, our_store.dir)
+    plain = os.urandom(1000)
+    path = tmp_path / 'reused.enc'
+    with open(path, 'wb') as f:
+        fac.encrypt_file(kek, io.BytesIO(os.urandom(5000)), f)  # the old, longer file
+    with open(path, 'r+b') as f:  # written over, as a blob store might
+        fac.encrypt_file(kek, io.BytesIO(plain), f)
+    assert path.stat().st_size > 24 + 1008 and (path.stat().st_size - 24) % 16 == 0
+    out = tmp_path / 'ref.out'
+    res = ref('decrypt_files', dir=our_store.dir, kek=b64e(kek), files=[
+        {'src': str(path), 'dst': str(out), 'chunksize': 24 * 1024, 'size': 1000}])['out']
+    assert res == [None] and out.read_bytes() == plain
+    for target in (io.BytesIO(), open(tmp_path / 'ours.out', 'w+b')):
+        with open(path, 'rb') as src, target:
+            fac.decrypt_file(kek, src, target)
+            target.seek(0)
+            assert target.read() == plain
+    # A stream shorter than its size, or not whole blocks, is still refused.
+    data = path.read_bytes()
+    for bad in (data[:24 + 512], data + b'x'):
+        with pytest.raises(ValueError):
+            fac.decrypt_file(kek, io.BytesIO(bad), io.BytesIO())
