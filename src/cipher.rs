@@ -525,7 +525,10 @@ mod tests {
         // Whole blocks after the stated size are an old file's tail: ignored.
         let mut longer = file.clone();
         longer.extend_from_slice(&[0u8; 32]);
-        assert_eq!(decrypt_stream(&c, &longer, 5).unwrap(), b"some file content");
+        assert_eq!(
+            decrypt_stream(&c, &longer, 5).unwrap(),
+            b"some file content"
+        );
         longer.push(0);
         assert!(decrypt_stream(&c, &longer, 5).is_err(), "not a whole block");
         let mut bad = file.clone();

@@ -50,6 +50,9 @@ pub struct CachedDek {
     state_read: f64,
 }
 
+/// A cached entry's key state, or its name when the state is due to be read again.
+pub type StateCheck = Result<KeyState, String>;
+
 /// A key's state (NIST SP 800-57), as far as serving its DEK goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyState {
@@ -193,17 +196,42 @@ impl Facility {
         wrap_new(&kek, pem, &dek)
     }
 
-    fn lookup(&self, kek: &[u8], timeout: f64) -> Option<MutexGuard<'_, DekMap>> {
-        let deks = self.deks();
-        match deks.get(kek) {
-            Some(entry) if entry.fetched + timeout > now() => Some(deks),
-            _ => None,
+    /// `f` of the cached entry of `kek` if it is younger than `timeout`
+    /// seconds, with its key state (or, when the state was read more than
+    /// `state_age` seconds ago, the key's name to read it again): one hash of
+    /// the ~1.7 KB KEK per call.
+    fn fresh<T>(
+        &self,
+        kek: &[u8],
+        timeout: f64,
+        state_age: f64,
+        f: impl FnOnce(&mut CachedDek) -> KmiResult<T>,
+    ) -> KmiResult<Option<(T, StateCheck)>> {
+        let mut deks = self.deks();
+        let Some(entry) = deks.get_mut(kek) else {
+            return Ok(None);
+        };
+        let now = now();
+        if entry.fetched + timeout <= now {
+            return Ok(None);
         }
+        let state = if entry.state_read + state_age > now {
+            Ok(entry.state)
+        } else {
+            Err(entry.name.clone())
+        };
+        Ok(Some((f(entry)?, state)))
     }
 
     /// The DEK for `kek` if it is cached and younger than `timeout` seconds.
-    pub fn cached_dek(&self, kek: &[u8], timeout: f64) -> Option<Zeroizing<Vec<u8>>> {
-        self.lookup(kek, timeout).map(|deks| deks[kek].dek.clone())
+    pub fn cached_dek(
+        &self,
+        kek: &[u8],
+        timeout: f64,
+        state_age: f64,
+    ) -> Option<(Zeroizing<Vec<u8>>, StateCheck)> {
+        self.fresh(kek, timeout, state_age, |e| Ok(e.dek.clone()))
+            .expect("cannot fail")
     }
 
     /// Unwrap `wrapped`, the stored DEK named `name`, with `kek`, and cache
@@ -226,18 +254,6 @@ impl Facility {
             state,
         );
         Ok(dek)
-    }
-
-    /// The cached key state of `kek` if it was read less than `max_age`
-    /// seconds ago; else its name, to read it again (`Err`). `None`: not cached.
-    pub fn cached_state(&self, kek: &[u8], max_age: f64) -> Option<Result<KeyState, String>> {
-        let deks = self.deks();
-        let entry = deks.get(kek)?;
-        Some(if entry.state_read + max_age > now() {
-            Ok(entry.state)
-        } else {
-            Err(entry.name.clone())
-        })
     }
 
     /// Record the state just read for `kek`'s key.
@@ -282,19 +298,18 @@ impl Facility {
         kek: &[u8],
         timeout: f64,
         salt: &[u8],
-    ) -> KmiResult<Option<Arc<DataCipher>>> {
-        let Some(mut deks) = self.lookup(kek, timeout) else {
-            return Ok(None);
-        };
-        let entry = deks.get_mut(kek).expect("looked up");
-        if let Some((s, c)) = &entry.cipher {
-            if s == salt {
-                return Ok(Some(c.clone()));
+        state_age: f64,
+    ) -> KmiResult<Option<(Arc<DataCipher>, StateCheck)>> {
+        self.fresh(kek, timeout, state_age, |entry| {
+            if let Some((s, c)) = &entry.cipher {
+                if s == salt {
+                    return Ok(c.clone());
+                }
             }
-        }
-        let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(&entry.dek, salt)?));
-        entry.cipher = Some((salt.to_vec(), cipher.clone()));
-        Ok(Some(cipher))
+            let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(&entry.dek, salt)?));
+            entry.cipher = Some((salt.to_vec(), cipher.clone()));
+            Ok(cipher)
+        })
     }
 
     /// The data cipher for a DEK just unwrapped for `kek`, remembered beside it.
@@ -313,15 +328,20 @@ impl Facility {
 
     /// The v2 keys for `kek` if its DEK is cached and fresh: derived once
     /// per cached DEK.
-    pub fn cached_v2(&self, kek: &[u8], timeout: f64) -> Option<Arc<V2Key>> {
-        let mut deks = self.lookup(kek, timeout)?;
-        let entry = deks.get_mut(kek).expect("looked up");
-        Some(
-            entry
+    pub fn cached_v2(
+        &self,
+        kek: &[u8],
+        timeout: f64,
+        state_age: f64,
+    ) -> Option<(Arc<V2Key>, StateCheck)> {
+        self.fresh(kek, timeout, state_age, |entry| {
+            let dek = &entry.dek;
+            Ok(entry
                 .v2
-                .get_or_insert_with(|| Arc::new(V2Key::new(&entry.dek)))
-                .clone(),
-        )
+                .get_or_insert_with(|| Arc::new(V2Key::new(dek)))
+                .clone())
+        })
+        .expect("cannot fail")
     }
 
     /// A snapshot of the DEK cache: (md5 name, fetch time, DEK).
@@ -376,22 +396,25 @@ mod tests {
         let new = f.generate(1024, 65537, POLICY.passphrase, 64).unwrap();
         assert_eq!(new.name, kek_name(&new.pem));
         assert_eq!(new.wrapped.len(), 128);
-        assert!(f.cached_dek(&new.pem, POLICY.timeout).is_none());
+        assert!(f.cached_dek(&new.pem, POLICY.timeout, 1.0).is_none());
         let dek = f
             .unwrap(&new.pem, &new.name, &new.wrapped, &POLICY, KeyState::Active)
             .unwrap();
         assert_eq!(dek.len(), 64);
-        assert_eq!(f.cached_dek(&new.pem, POLICY.timeout), Some(dek));
+        assert_eq!(
+            f.cached_dek(&new.pem, POLICY.timeout, 60.0),
+            Some((dek, Ok(KeyState::Active)))
+        );
         assert!(
-            f.cached_dek(&new.pem, 0.0).is_none(),
+            f.cached_dek(&new.pem, 0.0, 60.0).is_none(),
             "older than a zero timeout"
         );
         assert!(f
-            .cached_cipher(&new.pem, 0.0, b"12345678")
+            .cached_cipher(&new.pem, 0.0, b"12345678", 60.0)
             .unwrap()
             .is_none());
         assert!(f
-            .cached_cipher(&new.pem, 60.0, b"12345678")
+            .cached_cipher(&new.pem, 60.0, b"12345678", 60.0)
             .unwrap()
             .is_some());
     }
@@ -406,7 +429,7 @@ mod tests {
             matches!(&err, KmiError::BadData(m) if m.starts_with("key abc: ")),
             "{err:?}"
         );
-        assert!(f.cached_dek(TESTING_KEK, 60.0).is_none());
+        assert!(f.cached_dek(TESTING_KEK, 60.0, 60.0).is_none());
     }
 
     #[test]
@@ -427,17 +450,12 @@ mod tests {
             )
             .kid()
         );
-        assert_eq!(
-            f.cached_state(&new.pem, 60.0),
-            Some(Ok(KeyState::Deactivated))
-        );
-        assert_eq!(f.cached_state(&new.pem, 0.0), Some(Err(new.name.clone())));
+        let state = |age| f.cached_v2(&new.pem, 60.0, age).map(|(_, state)| state);
+        assert_eq!(state(60.0), Some(Ok(KeyState::Deactivated)));
+        assert_eq!(state(0.0), Some(Err(new.name.clone())));
         f.set_state(&new.pem, KeyState::Suspended);
-        assert_eq!(
-            f.cached_state(&new.pem, 60.0),
-            Some(Ok(KeyState::Suspended))
-        );
-        assert_eq!(f.cached_state(b"other", 60.0), None);
+        assert_eq!(state(60.0), Some(Ok(KeyState::Suspended)));
+        assert!(f.cached_v2(b"other", 60.0, 60.0).is_none());
         assert!(KeyState::Deactivated.allows(false) && !KeyState::Deactivated.allows(true));
         assert!(!KeyState::Suspended.allows(false) && KeyState::Active.allows(true));
         for s in [

@@ -647,10 +647,10 @@ impl Facility {
         kek: &[u8],
         timeout: f64,
         encrypting: bool,
-    ) -> PyResult<Zeroizing<Vec<u8>>> {
-        if let Some(dek) = self.inner.cached_dek(kek, timeout) {
-            self.check_state(py, owner, kek, encrypting)?;
-            return Ok(dek);
+    ) -> PyResult<(Zeroizing<Vec<u8>>, KeyState)> {
+        if let Some((dek, check)) = self.inner.cached_dek(kek, timeout, self.state_refresh) {
+            let state = self.check_state(py, owner, kek, check, encrypting)?;
+            return Ok((dek, state));
         }
         // The stored DEK comes first: an unknown KEK is a KeyError without parsing it.
         let name = facility::kek_name(kek);
@@ -667,21 +667,23 @@ impl Facility {
             passphrase: &passphrase,
             dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
         };
-        Ok(py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy, state))?)
+        let dek = py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy, state))?;
+        Ok((dek, state))
     }
 
-    /// Refuse a cached DEK whose key's state does not allow the use; the
-    /// state is read again from the owner's store every `state_refresh` seconds.
+    /// The state of a cached key (read again from the owner's store when
+    /// `check` says it is due), refused unless it allows the use.
     fn check_state(
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
         kek: &[u8],
+        check: facility::StateCheck,
         encrypting: bool,
     ) -> PyResult<KeyState> {
-        let state = match self.inner.cached_state(kek, self.state_refresh) {
-            Some(Ok(state)) => state,
-            Some(Err(name)) => {
+        let state = match check {
+            Ok(state) => state,
+            Err(name) => {
                 let text: String = owner
                     .call_method1(intern!(py, "_key_state"), (&name,))?
                     .extract()?;
@@ -689,7 +691,6 @@ impl Facility {
                 self.inner.set_state(kek, state);
                 state
             }
-            None => return Ok(KeyState::Active), // evicted meanwhile: just unwrapped
         };
         if !state.allows(encrypting) {
             refusal(owner, &facility::kek_name(kek), state, encrypting)?;
@@ -705,15 +706,16 @@ impl Facility {
         encrypting: bool,
     ) -> PyResult<std::sync::Arc<V2Key>> {
         let timeout = owner_timeout(owner)?;
-        if let Some(key) = self.inner.cached_v2(kek, timeout) {
-            self.check_state(py, owner, kek, encrypting)?;
+        if let Some((key, check)) = self.inner.cached_v2(kek, timeout, self.state_refresh) {
+            self.check_state(py, owner, kek, check, encrypting)?;
             return Ok(key);
         }
-        let dek = self.dek_or_fetch(py, owner, kek, timeout, encrypting)?;
+        let (dek, _) = self.dek_or_fetch(py, owner, kek, timeout, encrypting)?;
         // Cached now, unless the timeout is zero: then derive it for this call.
         Ok(self
             .inner
-            .cached_v2(kek, f64::INFINITY)
+            .cached_v2(kek, f64::INFINITY, f64::INFINITY)
+            .map(|(key, _)| key)
             .unwrap_or_else(|| std::sync::Arc::new(V2Key::new(&dek))))
     }
 
@@ -730,11 +732,14 @@ impl Facility {
         let salt = bytes_like(&salt, "_bytesToKeySalt")?;
         let iv = owner.getattr(intern!(py, "initializationVector"))?;
         let iv = bytes_like(&iv, "initializationVector")?.into_owned();
-        if let Some(cipher) = self.inner.cached_cipher(kek, timeout, &salt)? {
-            self.check_state(py, owner, kek, encrypting)?;
+        if let Some((cipher, check)) =
+            self.inner
+                .cached_cipher(kek, timeout, &salt, self.state_refresh)?
+        {
+            self.check_state(py, owner, kek, check, encrypting)?;
             return Ok((cipher, iv));
         }
-        let dek = self.dek_or_fetch(py, owner, kek, timeout, encrypting)?;
+        let (dek, _) = self.dek_or_fetch(py, owner, kek, timeout, encrypting)?;
         Ok((self.inner.remember_cipher(kek, &dek, &salt)?, iv))
     }
 }
@@ -803,7 +808,7 @@ impl Facility {
         kek: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let timeout = owner_timeout(owner)?;
-        let dek = self.dek_or_fetch(py, owner, &bytes_like(kek, "key")?, timeout, false)?;
+        let (dek, _) = self.dek_or_fetch(py, owner, &bytes_like(kek, "key")?, timeout, false)?;
         Ok(PyBytes::new(py, &dek))
     }
 
@@ -817,10 +822,9 @@ impl Facility {
     ) -> PyResult<(Bound<'py, PyBytes>, &'static str, String)> {
         let kek = bytes_like(kek, "key")?;
         let timeout = owner_timeout(owner)?;
-        let dek = self.dek_or_fetch(py, owner, &kek, timeout, false)?;
-        let state = self.check_state(py, owner, &kek, false)?;
-        let kid = match self.inner.cached_v2(&kek, f64::INFINITY) {
-            Some(key) => hex::encode(key.kid()),
+        let (dek, state) = self.dek_or_fetch(py, owner, &kek, timeout, false)?;
+        let kid = match self.inner.cached_v2(&kek, f64::INFINITY, f64::INFINITY) {
+            Some((key, _)) => hex::encode(key.kid()),
             None => hex::encode(V2Key::new(&dek).kid()),
         };
         Ok((PyBytes::new(py, &dek), state.as_str(), kid))
