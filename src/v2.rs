@@ -317,9 +317,12 @@ pub fn fresh_salt() -> KmiResult<[u8; SALT_LEN]> {
 const LONG_MESSAGE: usize = 1024;
 
 /// AES-256-GCM under one message key, by the library that does that length best.
+// One per message, on the stack or in a boxed stream state: no allocation
+// for a short message is worth the variants' difference in size.
+#[allow(clippy::large_enum_variant)]
 enum ChunkCipher {
     /// Zeroized on drop (the `zeroize` feature of aes-gcm).
-    Short(Box<Aes256Gcm>),
+    Short(Aes256Gcm),
     /// `ring` keeps its key schedule to itself and does not zeroize it: a
     /// message key unlocks that message only.
     Long(ring::aead::LessSafeKey),
@@ -332,7 +335,7 @@ impl ChunkCipher {
                 .expect("a 32-byte AES-256-GCM key");
             ChunkCipher::Long(ring::aead::LessSafeKey::new(key))
         } else {
-            ChunkCipher::Short(Box::new(Aes256Gcm::new(key.into())))
+            ChunkCipher::Short(Aes256Gcm::new(key.into()))
         }
     }
 
