@@ -285,6 +285,9 @@ class KeyManagementApplication:
             if body is None:
                 log.warning('refused to store a wrapped key for %s: body larger than %d bytes',
                             request.remote_addr, self.max_kek_size)
+                length = request.content_length
+                if length is not None and length <= DRAIN_LIMIT:
+                    _drain(request.body_file_raw, length)  # so the client reads the 413
                 self.audit_refusal('put', 'refused: body too large')
                 return _plain(413, 'Request body too large', [('Connection', 'close')])
             if request.content_length is not None and len(body) < request.content_length:
