@@ -3,9 +3,9 @@
 ``application_factory`` is the PasteDeploy entry point (``egg:keas.kmi``): it
 routes ``GET /``, ``POST /new``, ``POST /key``, ``POST /rewrap`` and
 ``GET``/``PUT /wrapped/<name>`` to the views in ``keas.kmi.rest`` and turns
-everything that goes wrong into a short plain-text answer. ``python -m keas.kmi.wsgi server.ini`` (what ``make serve`` runs)
-serves it with the server of the file's ``[server:main]``: granian, through
-``keas.kmi.server``.
+everything that goes wrong into a short plain-text answer. ``python -m
+keas.kmi.wsgi server.ini`` (what ``make serve`` runs) serves it with the
+server of the file's ``[server:main]``: granian, through ``keas.kmi.server``.
 """
 import errno
 import logging
