@@ -949,3 +949,21 @@ def test_the_server_never_receives_a_kek_in_wrapped_mode(teed_server, pki, tmp_p
     requests = (folder / 'requests.bin').read_bytes()
     assert b'PRIVATE KEY' in requests and kek_lines(keks[0])[0] in requests
     assert deks[0] in (folder / 'responses.bin').read_bytes()
+
+
+def test_the_protocol_example_with_openssl_and_curl(kms_server, pki, tmp_path):
+    from test_server import need, shell
+    need('curl')
+    text = (Path(__file__).resolve().parent.parent / 'docs' / 'protocol.md').read_text()
+    block = text[text.index('## Example'):]
+    lines = [line.strip() for line in block.splitlines() if line.startswith('    ')]
+    script = '\n'.join(['set -e'] + [
+        line.replace('https://localhost:8080', kms_server.url).replace('sample.crt', pki.ca)
+        for line in lines])
+    (tmp_path / 'example.sh').write_text(script + '\n')
+    result = shell('bash example.sh', tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b'Stored'
+    kek, dek = (tmp_path / 'kek.pem').read_bytes(), (tmp_path / 'dek.bin').read_bytes()
+    assert client(kms_server, pki).getEncryptionKey(kek) == dek
+    assert client(kms_server, pki, 'legacy').getEncryptionKey(kek) == dek
