@@ -13,6 +13,7 @@ import hashlib
 import http.client
 import os
 import re
+import shutil
 import ssl
 import sys
 import time
@@ -29,8 +30,8 @@ from keas.kmi.facility import (KeyManagementFacility, KeyServiceError,
 from keas.kmi.store import StoreUnavailable
 
 from test_server import (  # noqa: F401 (fixtures)
-    CALL_TIMEOUT, Server, client_context, free_port, kms, mtls_server, pki, run_testclient,
-    wait_for_log)
+    CALL_TIMEOUT, Server, client_context, free_port, kms, launched, mtls_server, pki,
+    run_testclient, wait_for_log)
 
 CLIENT = '192.0.2.9'
 PASSPHRASE = b'key management facility'
@@ -967,3 +968,25 @@ def test_the_protocol_example_with_openssl_and_curl(kms_server, pki, tmp_path):
     kek, dek = (tmp_path / 'kek.pem').read_bytes(), (tmp_path / 'dek.bin').read_bytes()
     assert client(kms_server, pki).getEncryptionKey(kek) == dek
     assert client(kms_server, pki, 'legacy').getEncryptionKey(kek) == dek
+
+
+def test_the_readme_testclient_wrapped_lines(launched):
+    """README's `testclient --wrapped` lines, against `make serve`'s command."""
+    from test_server import readme, shell
+    cwd = launched.folder / 'wrapped-client'
+    cwd.mkdir()
+    shutil.copy(launched.folder / 'sample.crt', cwd)
+    (cwd / 'notes.txt').write_bytes(b'minutes of the meeting\n')
+    text = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    lines = [line.strip() for line in text.splitlines()
+             if line.startswith('    testclient https://localhost:8080 --wrapped')]
+    assert len(lines) == 4, lines
+    for line in lines:
+        result = shell(readme(line, launched.port), cwd)
+        assert result.returncode == 0, (line, result.stderr)
+    kek = (cwd / 'kek.dat').read_bytes()
+    storage = launched.folder / 'var' / 'keys'
+    assert (cwd / 'datakey.dat').read_bytes() == \
+        KeyManagementFacility(str(storage)).getEncryptionKey(kek)
+    assert (cwd / 'notes.txt').read_bytes() == b'minutes of the meeting\n'
+    assert (cwd / 'notes.enc').read_bytes() != b'minutes of the meeting\n'
