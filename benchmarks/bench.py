@@ -90,6 +90,14 @@ P = {
     'wsgi_seconds': (10, 3),
     'wsgi_runs': (2, 1),
     'memory_mib': (1024, 64),
+    # wrapped keys: our client in wrapped mode against legacy mode, one server
+    'wrapped_cold_calls': (10, 3),
+    'wrapped_cold_rounds': (9, 3),
+    'wrapped_generate_samples': (101, 5),
+    'wrapped_warm_calls': (20000, 2000),
+    # The warm rows run the same cached code in both modes; a 30-50 ms round on a
+    # loaded 2-core machine is easily interrupted, so many rounds for the median.
+    'wrapped_warm_rounds': (21, 3),
     'openssl_seconds': (3, 1),
 }
 P = {name: value[1 if QUICK else 0] for name, value in P.items()}
@@ -1181,6 +1189,92 @@ end
         except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
             row.fail(e)
 
+    # -- wrapped keys (issue 14): our client, wrapped mode against legacy mode -----
+    #
+    # Both columns are our package: 'ours' is LocalKeyManagementFacility with
+    # keyMode='wrapped' (GET/PUT /wrapped/<name>, the KEK stays in the client),
+    # the 'ref' column the same client in legacy mode (POST /key, POST /new),
+    # against one server as make serve runs it (granian, TLS, audit on).
+
+    @staticmethod
+    def mode_goal(limit):
+        """wrapped / legacy of the medians (times): at most ``limit``."""
+        def goal(row):
+            ratio = row.median('ours') / row.median('ref')
+            return ratio <= limit, 'wrapped/legacy %.2fx vs <= %gx' % (ratio, limit)
+        return goal
+
+    def wrapped(self):
+        modes = {'ours': 'wrapped', 'ref': 'legacy'}
+        cold = self.row('cold getEncryptionKey, wrapped mode (GET /wrapped + local unwrap) '
+                        'vs (ref column) legacy mode (POST /key, server unwraps)',
+                        target='wrapped <= 1.5x legacy')
+        cold.goal = self.mode_goal(1.5)
+        gen = self.row('generate(), wrapped mode (local keygen + PUT /wrapped) '
+                       'vs (ref column) legacy mode (POST /new)',
+                       target='wrapped <= 1.2x legacy')
+        gen.goal = self.mode_goal(1.2)
+        warm = self.row('  warm getEncryptionKey (client cache), wrapped vs (ref column) '
+                        'legacy', target='wrapped <= 1.2x legacy, no request')
+        warm.goal = self.mode_goal(1.2)
+        warm_enc = self.row('  warm encrypt 15 B, wrapped vs (ref column) legacy',
+                            target='wrapped <= 1.2x legacy, no request')
+        warm_enc.goal = self.mode_goal(1.2)
+        rows = (cold, gen, warm, warm_enc)
+        ours = self.workers['ours']
+        store = os.path.join(RUN, 'wrapped-store')
+        os.makedirs(store, mode=0o700, exist_ok=True)
+        crt, _ = self.tls_pair()
+        try:
+            port = self.start_make_serve(store, name='wrapped')
+        except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+            for row in rows:
+                row.fail(e)
+            return
+        url = 'https://127.0.0.1:%d' % port
+        try:
+            n, rounds = P['wrapped_cold_calls'], P['wrapped_cold_rounds']
+            cold.note = ('%d calls per round, each a new client (empty cache) and a KEK '
+                         'that no server cache holds (each one is sent to POST /key once), '
+                         "one TLS connection per request as the client makes them; server "
+                         "as make serve runs it (granian, server.ini's [server:main], "
+                         'audit on), directory store' % n)
+            try:
+                ours.call('client_keys', store=store, count=n * rounds + 1)
+                for side in SIDES:  # warm-up (connections, page cache), not recorded
+                    ours.call('client_cold', url=url, cafile=crt, mode=modes[side],
+                              first=n * rounds, n=1)
+                for r, side in self.alternate(rounds):
+                    a = ours.call('client_cold', url=url, cafile=crt, mode=modes[side],
+                                  first=r * n, n=n)
+                    self.record(cold, side, a['seconds'] / n, calls=n)
+            except (WorkerError, CheckFailed) as e:
+                cold.fail(e)
+            gen.note = ('one call per sample, alternating; RSA key generation (2048 bits) '
+                        'dominates and varies tenfold from key to key, in the client '
+                        '(wrapped) or in a server worker (legacy); each key is then read '
+                        'in the other mode')
+            try:
+                for r, side in self.alternate(P['wrapped_generate_samples']):
+                    a = ours.call('client_generate', url=url, cafile=crt, mode=modes[side],
+                                  store=store)
+                    self.record(gen, side, a['seconds'], pem=a['pem'])
+            except (WorkerError, CheckFailed) as e:
+                gen.fail(e)
+            calls = P['wrapped_warm_calls']
+            for row, what in ((warm, 'dek'), (warm_enc, 'encrypt')):
+                row.note = ('%d calls per round on one client whose cache holds the DEK; '
+                            'the worker checks that no request is made' % calls)
+                try:
+                    for r, side in self.alternate(P['wrapped_warm_rounds']):
+                        a = ours.call('client_warm', url=url, cafile=crt, mode=modes[side],
+                                      index=0, n=calls, what=what)
+                        self.record(row, side, a['seconds'] / calls, calls=calls)
+                except (WorkerError, CheckFailed) as e:
+                    row.fail(e)
+        finally:
+            self.stop_servers()
+
     # -- key stores: PostgreSQL against the directory (issue 12) ---------------
     #
     # Both sides are our package in the same worker process; only the store
@@ -1516,7 +1610,7 @@ end
         os.makedirs(WORK, exist_ok=True)
         # BENCH_ONLY=wsgi,cold: only these sections (comma-separated), for a partial run.
         sections = ('small', 'bulk', 'files', 'generate', 'cold', 'zodb', 'v2', 'wsgi',
-                    'stores', 'audit', 'memory')
+                    'wrapped', 'stores', 'audit', 'memory')
         only = [name.strip() for name in os.environ.get('BENCH_ONLY', '').split(',')
                 if name.strip()]
         unknown = sorted(set(only) - set(sections))
@@ -1549,6 +1643,7 @@ end
             section('v2', self.small_v2, self.measure_openssl_gcm, self.bulk_v2,
                     self.files_v2, self.measure_openssl_gcm, self.zodb_v2)
             section('wsgi', self.wsgi)
+            section('wrapped', self.wrapped)
             section('stores', self.stores)
             section('audit', self.audit)
             for side in SIDES:

@@ -292,6 +292,91 @@ class Worker:
         opened.close()
         return result
 
+    # -- wrapped keys: our client in its two modes (ours only) -------------------
+
+    def _client(self, url, cafile, mode):
+        """A new LocalKeyManagementFacility (an empty DEK cache) in ``mode``;
+        one TLS context for all, as an application would keep."""
+        import ssl
+        from keas.kmi.facility import LocalKeyManagementFacility
+        contexts = self.__dict__.setdefault('_contexts', {})
+        if cafile not in contexts:
+            contexts[cafile] = ssl.create_default_context(cafile=cafile)
+        return LocalKeyManagementFacility(url, ssl_context=contexts[cafile], keyMode=mode)
+
+    def op_client_keys(self, store, count):
+        """``count`` KEKs made by a master facility straight into ``store``
+        (which the server serves), and their DEKs, kept for the rows below."""
+        fac = KeyManagementFacility(store)
+        self.client_keys = []
+        for _ in range(count):
+            kek = fac.generate()
+            self.client_keys.append((kek, KeyManagementFacility(store).getEncryptionKey(kek)))
+        return {'count': count}
+
+    def op_client_cold(self, url, cafile, mode, first, n):
+        """For ``n`` KEKs from index ``first``: a new client, then its first
+        getEncryptionKey (legacy: POST /key; wrapped: GET /wrapped and the
+        unwrap here). Each KEK goes to POST /key once only, so that the
+        server unwraps it (no server cache holds it)."""
+        keys = self.client_keys[first:first + n]
+        check(len(keys) == n, 'only %d client keys from %d' % (len(keys), first))
+        got = []
+        t0 = time.perf_counter()
+        for kek, _ in keys:
+            got.append(self._client(url, cafile, mode).getEncryptionKey(kek))
+        seconds = time.perf_counter() - t0
+        check(got == [dek for _, dek in keys], 'cold %s getEncryptionKey: a wrong DEK' % mode)
+        return {'seconds': seconds, 'calls': n}
+
+    def op_client_generate(self, url, cafile, mode, store):
+        """One generate() of a client in ``mode`` (legacy: POST /new, the
+        server makes the key; wrapped: made here, PUT /wrapped); then the
+        store must hold it, and a client in the other mode read it."""
+        client = self._client(url, cafile, mode)
+        t0 = time.perf_counter()
+        kek = client.generate()
+        seconds = time.perf_counter() - t0
+        dek = KeyManagementFacility(store).getEncryptionKey(kek)
+        check(len(dek) == client.keyLength, 'generated DEK has %d bytes' % len(dek))
+        other = 'legacy' if mode == 'wrapped' else 'wrapped'
+        check(self._client(url, cafile, other).getEncryptionKey(kek) == dek,
+              'a %s client reads another DEK for a key made in %s mode' % (other, mode))
+        check(client.decrypt(kek, client.encrypt(kek, b'x' * 33)) == b'x' * 33,
+              'round trip under a generated KEK failed')
+        return {'seconds': seconds, 'pem': kek.splitlines()[0].decode()}
+
+    def op_client_warm(self, url, cafile, mode, index, n, what):
+        """``n`` warm calls (``what``: getEncryptionKey, or encrypt 15 bytes)
+        of one client whose cache holds the DEK; no request may be made."""
+        kek, dek = self.client_keys[index]
+        client = self._client(url, cafile, mode)
+        check(client.getEncryptionKey(kek) == dek, 'warm-up: a wrong DEK')
+        opened = []
+        factory = client.httpsConnFactory
+
+        def counting(*args, **kwargs):
+            opened.append(args)
+            return factory(*args, **kwargs)
+        client.httpsConnFactory = counting
+        data = b'a secret string'
+        if what == 'dek':
+            call = client.getEncryptionKey
+            t0 = time.perf_counter()
+            for _ in range(n):
+                got = call(kek)
+            seconds = time.perf_counter() - t0
+            check(got == dek, 'warm getEncryptionKey: a wrong DEK')
+        else:
+            call = client.encrypt
+            t0 = time.perf_counter()
+            for _ in range(n):
+                got = call(kek, data)
+            seconds = time.perf_counter() - t0
+            check(client.decrypt(kek, got) == data, 'warm encrypt: no round trip')
+        check(not opened, 'warm calls made %d requests' % len(opened))
+        return {'seconds': seconds, 'calls': n}
+
     # -- ZODB ------------------------------------------------------------------
 
     _zodb_ready = False

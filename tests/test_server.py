@@ -151,7 +151,7 @@ class Server:
     """One server process tree, started in its own session so that it can
     always be ended as a whole."""
 
-    def __init__(self, command, folder, port, context, cwd=None):
+    def __init__(self, command, folder, port, context, cwd=None, extra_env=None):
         self.command = command
         self.folder = folder
         self.port = port
@@ -167,6 +167,7 @@ class Server:
                 env.pop(name)
         # gunicorn >= 25 opens a control socket there; keep each instance's apart.
         env['XDG_RUNTIME_DIR'] = str(runtime)
+        env.update(extra_env or {})  # e.g. PYTHONPATH for a test's own filter
         with open(self.log_path, 'wb') as log:
             self.process = subprocess.Popen(
                 command, cwd=cwd or folder, env=env, stdin=subprocess.DEVNULL,

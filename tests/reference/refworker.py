@@ -47,6 +47,12 @@ Commands (field ``op``):
 ``zodb_records`` {path}
     the newest raw record of every oid: ``{records: {oid_hex: b64}}``.
 
+``local`` {url, cafile, kek, encrypt: [b64], decrypt: [b64]}
+    the reference's client, ``LocalKeyManagementFacility(url)`` (its HTTPS
+    connection factory given a context trusting ``cafile``): the DEK of
+    ``kek`` (``POST /key``) and ``encrypt``/``decrypt`` of each item;
+    ``{dek: b64 | error, encrypted: [...], decrypted: [...]}``.
+
 ``holder`` selects the key holder and encryption service registered with
 zope.component: ``{"kind": "testing", "dir": ...}`` uses
 ``keas.kmi.testing.TestingKeyHolder`` and a ``TestingKeyManagementFacility``
@@ -297,6 +303,32 @@ def op_zodb_records(cmd):
     finally:
         storage.close()
     return {'records': records}
+
+
+def op_local(cmd):
+    import functools
+    import http.client
+    import ssl
+
+    from keas.kmi.facility import LocalKeyManagementFacility
+
+    local = LocalKeyManagementFacility(cmd['url'])
+    context = ssl.create_default_context(cafile=cmd['cafile'])
+    local.httpConnFactory = functools.partial(http.client.HTTPSConnection, context=context)
+    kek = b64d(cmd['kek'])
+    result = {}
+    try:
+        result['dek'] = b64e(local.getEncryptionKey(kek))
+    except Exception as exc:
+        result['dek'] = err(exc)
+    for method in ('encrypt', 'decrypt'):
+        out = result[method + 'ed'] = []
+        for item in cmd.get(method, []):
+            try:
+                out.append(b64e(getattr(local, method)(kek, b64d(item))))
+            except Exception as exc:
+                out.append(err(exc))
+    return result
 
 
 OPS = {name[3:]: fn for name, fn in globals().items() if name.startswith('op_')}

@@ -396,6 +396,58 @@ class KeyManagementFacility(EncryptionService):
         logger.info('key %s rewrapped as %s', old_name, name)
         return kek
 
+    # Wrapped keys: GET and PUT /wrapped/<name> (keas.kmi.rest, docs/protocol.md).
+
+    def wrapped(self, name):
+        """``(wrapped DEK, state, kid)`` of key ``name`` as stored, for a client
+        that unwraps it itself: ``KeyError`` for an unknown key,
+        ``KeyStateError`` when its state refuses its DEK (as ``getEncryptionKey``)."""
+        meta = self.store.meta(name)
+        if meta is None:
+            raise KeyError(name)
+        state = lifecycle.effective_state(meta, self.deactivateAfter)
+        if state == lifecycle.DESTROYED and meta['state'] != lifecycle.DESTROYED:
+            self._expire(name, meta)  # a rewrap's grace period has ended
+        if state not in lifecycle.SERVES:
+            raise self._refuse(name, state, False)
+        try:
+            wrapped = self.store.get(name)
+        except KeyError:  # erased since its metadata was read
+            raise self._refuse(name, lifecycle.DESTROYED, False) from None
+        if not logged_by_server.get():
+            logger.info('Wrapped key requested: %s', name)
+        return wrapped, state, meta.get('kid')
+
+    def add_wrapped(self, name, wrapped, kid=None, fingerprint=None):
+        """Store ``wrapped``, a DEK a client wrapped under a KEK of its own, as
+        key ``name`` (the md5 hex of that KEK, which the facility never sees):
+        ``(True, state)`` when stored now, ``(False, state)`` when these bytes
+        were stored already (a client retrying). ``KeyExistsError`` for other
+        bytes under ``name``; ``KeyStateError`` for the name of a destroyed
+        key, which is never used again. ``kid`` and ``fingerprint`` (hex, as
+        the client says) go into the metadata unchecked."""
+        meta = self.store.meta(name)
+        if meta is not None:
+            # Checked before the store's own write-once test, which (in a
+            # directory) would write new metadata over an existing key's.
+            if lifecycle.effective_state(meta, self.deactivateAfter) == lifecycle.DESTROYED:
+                raise self._refuse(name, lifecycle.DESTROYED, False)
+            try:
+                stored = self.store.get(name)
+            except KeyError:
+                raise self._refuse(name, lifecycle.DESTROYED, False) from None
+            if stored != bytes(wrapped):
+                raise _kmi.KeyExistsError(
+                    'a different key is stored under the name %s already; keys are '
+                    'written once' % name)
+            return False, lifecycle.effective_state(meta, self.deactivateAfter)
+        meta = lifecycle.new_metadata(name, kid, fingerprint, reason='stored by a client')
+        self.store.add(name, bytes(wrapped), meta,
+                       audit=self._audit_fields('put', name, kid=kid))
+        if not logged_by_server.get():
+            logger.info('New wrapped key added (hash): %s', name)
+        return True, lifecycle.ACTIVE
+
     @property
     def __dek_cache(self):
         return _DekCacheView(self._core)
@@ -486,8 +538,24 @@ class KeyManagementFacility(EncryptionService):
         return '<%s (%i)>' % (self.__class__.__name__, len(self))
 
 
+def _header(response, name):
+    """A header of an ``http.client`` response (None from a stand-in without headers)."""
+    getheader = getattr(response, 'getheader', None)
+    return getheader(name) if getheader is not None else None
+
+
 class KeyServiceError(OSError):
     """The master facility could not be reached or gave an unexpected answer."""
+
+
+class WrappedKeysUnsupported(KeyServiceError):
+    """The key server has no ``/wrapped/`` endpoint (keas.kmi before 4)."""
+
+
+# The modes of a local facility: ``legacy`` sends the KEK to the server
+# (POST /new, POST /key), as keas.kmi always did; ``wrapped`` keeps it here
+# and has the server store and return wrapped DEKs only (docs/protocol.md).
+KEY_MODES = ('legacy', 'wrapped')
 
 
 @implementer(interfaces.IKeyManagementFacility)
@@ -498,6 +566,13 @@ class LocalKeyManagementFacility(EncryptionService):
     verify the server against the system CAs, or ``cafile`` / ``ssl_context``;
     ``certfile`` / ``keyfile`` present a client certificate (mutual TLS).
     ``connect_timeout`` and ``read_timeout`` bound each request, in seconds.
+
+    ``keyMode='wrapped'`` keeps every KEK on this side: ``generate`` makes
+    the KEK and its DEK here (``rsaKeyLength``, ``rsaKeyExponent``,
+    ``rsaPassphrase``, ``keyLength``, as the master would) and has the server
+    store only the wrapped DEK; ``getEncryptionKey`` fetches the wrapped DEK
+    and unwraps it here. The default, ``'legacy'``, asks the server for both
+    (``POST /new``, ``POST /key``), which any keas.kmi server understands.
     """
 
     timeout = 3600
@@ -506,8 +581,20 @@ class LocalKeyManagementFacility(EncryptionService):
     httpConnFactory = http.client.HTTPConnection
     httpsConnFactory = http.client.HTTPSConnection
 
+    keyMode = 'legacy'
+
+    # What wrapped-mode generate() makes: the master's defaults.
+    rsaKeyLength = KeyManagementFacility.rsaKeyLength
+    rsaKeyExponent = KeyManagementFacility.rsaKeyExponent
+    rsaPassphrase = KeyManagementFacility.rsaPassphrase
+    keyLength = KeyManagementFacility.keyLength
+
+    # How often wrapped-mode generate() sends its PUT when no answer comes
+    # back: storing the same bytes again is success, so a retry is safe.
+    putAttempts = 2
+
     def __init__(self, url, cafile=None, ssl_context=None, certfile=None,
-                 keyfile=None, connect_timeout=None, read_timeout=None):
+                 keyfile=None, connect_timeout=None, read_timeout=None, keyMode=None):
         self.url = url
         self.__cache = {}
         self._cafile = cafile
@@ -518,6 +605,11 @@ class LocalKeyManagementFacility(EncryptionService):
             self.connect_timeout = connect_timeout
         if read_timeout is not None:
             self.read_timeout = read_timeout
+        if keyMode is not None:
+            self.keyMode = keyMode
+        if self.keyMode not in KEY_MODES:
+            raise ValueError("keyMode must be 'legacy' or 'wrapped', not %r" % (self.keyMode,))
+        self._keygen = None
 
     def _context(self):
         if self._ssl_context is None:
@@ -537,11 +629,12 @@ class LocalKeyManagementFacility(EncryptionService):
             return self.httpConnFactory(pieces.netloc, timeout=self.connect_timeout)
         raise ValueError('unsupported URL scheme in %r' % self.url)
 
-    def _post(self, path, body, headers):
-        """The body of a 200 answer to a POST, and the key state it names."""
+    def _request(self, method, path, body, headers):
+        """``(response, body)`` of one request; KeyServiceError when there is
+        no answer."""
         conn = self._connection()
         try:
-            conn.request('POST', path, body, headers)
+            conn.request(method, path, body, headers)
             sock = getattr(conn, 'sock', None)
             if sock is not None:
                 sock.settimeout(self.read_timeout)
@@ -554,9 +647,19 @@ class LocalKeyManagementFacility(EncryptionService):
             close = getattr(conn, 'close', None)
             if close is not None:
                 close()
+        return response, data
+
+    def _unexpected(self, response, path, data):
+        text = data.decode('utf-8', 'replace').strip().splitlines()
+        return KeyServiceError('key service %s answered %s %s on %s%s' % (
+            self.url, getattr(response, 'status', 200), getattr(response, 'reason', ''),
+            path, ': ' + text[0] if text else ''))
+
+    def _post(self, path, body, headers):
+        """The body of a 200 answer to a POST, and the key state it names."""
+        response, data = self._request('POST', path, body, headers)
         status = getattr(response, 'status', 200)
-        getheader = getattr(response, 'getheader', None)
-        state = getheader(lifecycle.KEY_STATE_HEADER) if getheader is not None else None
+        state = _header(response, lifecycle.KEY_STATE_HEADER)
         text = data.decode('utf-8', 'replace')
         if status in (403, 410) and state:
             raise lifecycle.KeyStateError(_kmi.kek_name(body) if body else path, state,
@@ -571,8 +674,63 @@ class LocalKeyManagementFacility(EncryptionService):
                                      getattr(response, 'reason', ''), path))
         return data, state
 
+    # Wrapped mode: GET and PUT /wrapped/<name> (docs/protocol.md).
+
+    def _wrapped_api(self, response):
+        """Refuse the answer of a server without the /wrapped/ endpoint: it
+        lacks the API header (a proxy's 5xx is reported as it is)."""
+        from keas.kmi import rest
+        if _header(response, rest.API_HEADER) is None \
+                and getattr(response, 'status', 200) < 500:
+            raise WrappedKeysUnsupported(
+                'the key server at %s does not support wrapped keys (keas.kmi 4 needed)'
+                % self.url)
+
+    def _generateWrapped(self):
+        from keas.kmi import rest
+        if self._keygen is None:
+            self._keygen = _kmi.Facility(1)
+        name, kek, wrapped, kid, fingerprint = self._keygen.generate(
+            self.rsaKeyLength, self.rsaKeyExponent, _passphrase(self.rsaPassphrase),
+            self.keyLength)
+        path = rest.WRAPPED_PATH + name
+        headers = {'Content-Type': 'application/octet-stream',
+                   rest.KID_HEADER: kid.hex(), rest.FINGERPRINT_HEADER: fingerprint.hex()}
+        attempts = max(1, int(self.putAttempts))
+        for attempt in range(attempts):
+            try:
+                response, data = self._request('PUT', path, wrapped, headers)
+                break
+            except KeyServiceError:
+                if attempt + 1 == attempts:
+                    raise
+                time.sleep(0.1 * (attempt + 1))
+        self._wrapped_api(response)
+        if getattr(response, 'status', 200) in (200, 201):
+            return kek  # only now: the server holds its wrapped DEK
+        raise self._unexpected(response, 'PUT ' + path, data)
+
+    def _fetchWrapped(self, key):
+        """The wrapped DEK of ``key`` from the server, and its state."""
+        from keas.kmi import rest
+        name = _kmi.kek_name(key)
+        path = rest.WRAPPED_PATH + name
+        response, data = self._request('GET', path, None, {})
+        self._wrapped_api(response)
+        status = getattr(response, 'status', 200)
+        state = _header(response, lifecycle.KEY_STATE_HEADER)
+        if status == 200:
+            return data, state
+        if status in (403, 410) and state:
+            raise lifecycle.KeyStateError(name, state, 'be used')
+        if status == 404:
+            raise KeyError(name)
+        raise self._unexpected(response, 'GET ' + path, data)
+
     def generate(self):
         """See interfaces.IKeyGenerationService"""
+        if self.keyMode == 'wrapped':
+            return self._generateWrapped()
         return self._post('/new', b'', {})[0]
 
     def getEncryptionKey(self, key):
@@ -580,7 +738,14 @@ class LocalKeyManagementFacility(EncryptionService):
         cached = self.__cache.get(key)
         if cached is not None and cached[0] + self.timeout > time.time():
             return cached[1]
-        dek, state = self._post('/key', key, {'content-type': 'text/plain'})
+        if self.keyMode == 'wrapped':
+            wrapped, state = self._fetchWrapped(key)
+            # The padding and length are checked: a damaged wrapped DEK (or
+            # one for another KEK) is a ValueError, never a wrong DEK.
+            dek = _kmi.unwrap_dek(key, wrapped, _passphrase(self.rsaPassphrase),
+                                  self.keyLength)
+        else:
+            dek, state = self._post('/key', key, {'content-type': 'text/plain'})
         self.__cache[key] = (time.time(), dek, state)
         return dek
 
@@ -596,7 +761,13 @@ class LocalKeyManagementFacility(EncryptionService):
 
     def rewrap(self, key, grace=None):
         """A new KEK for the DEK of ``key``, from the master facility (see
-        ``KeyManagementFacility.rewrap``); the old KEK is forgotten here."""
+        ``KeyManagementFacility.rewrap``); the old KEK is forgotten here.
+
+        It sends the old KEK to the server (``POST /rewrap``): a facility in
+        wrapped mode refuses it (ValueError), as it never sends a KEK."""
+        if self.keyMode == 'wrapped':
+            raise ValueError('rewrap sends the old KEK to the key server, which a facility '
+                             "in wrapped mode never does; use keyMode='legacy' for it")
         path = '/rewrap' if grace is None else '/rewrap?grace=%s' % float(grace)
         new, _ = self._post(path, key, {'content-type': 'text/plain'})
         self.__cache.pop(key, None)

@@ -20,6 +20,8 @@ examples:
   testclient https://localhost:8080 -r kek.dat > new.dat new KEK for the same data key
   testclient https://localhost:8080 -e kek.dat data.txt > data.enc
   testclient https://localhost:8080 -d kek.dat data.enc > data.txt
+  testclient https://localhost:8080 --wrapped -n > kek.dat   the KEK is made here,
+  testclient https://localhost:8080 --wrapped -g kek.dat     and never sent
 """
 
 # The self-signed certificate `make certs` copies next to the Makefile.
@@ -67,6 +69,12 @@ def make_parser():
     action.add_argument(
         '-d', '--decrypt', nargs=2, metavar=('KEK', 'FILE'),
         help='decrypt FILE (- for standard input) with the data key of KEK',
+    )
+    parser.add_argument(
+        '--wrapped', action='store_true',
+        help='with -n, -g, -e, -d: keep the KEK here (keyMode wrapped): -n makes it '
+        'locally and stores only its wrapped data key on the server, the others fetch '
+        'the wrapped data key and unwrap it here (a keas.kmi 4 server)',
     )
     parser.add_argument(
         '--grace', type=float, metavar='SECONDS',
@@ -179,33 +187,49 @@ def read_file(path, what):
         raise ClientError('cannot read %s %s: %s' % (what, path, describe(error)))
 
 
-def crypt(args, ssl_context, encrypting):
-    """Encrypt or decrypt a file locally, with the data key from the server."""
+def local_facility(args, ssl_context, wrapped=False):
     from keas.kmi.facility import LocalKeyManagementFacility
 
-    kek_file, data_file = args.encrypt if encrypting else args.decrypt
-    kek = read_file(kek_file, 'key encrypting key')
-    data = read_file(data_file, 'data')
-    facility = LocalKeyManagementFacility(
+    return LocalKeyManagementFacility(
         args.url, ssl_context=ssl_context,
         connect_timeout=args.timeout, read_timeout=args.timeout,
+        keyMode='wrapped' if wrapped else 'legacy',
     )
+
+
+def facility_call(args, call, kek_file=None, data_file=None):
+    """``call()`` on a local facility, its failures as ClientErrors."""
+    from keas.kmi.facility import KeyServiceError, WrappedKeysUnsupported
+
     try:
-        if encrypting:
-            return facility.encrypt(kek, data)
-        return facility.decrypt(kek, data)
+        return call()
     except KeyError:
         raise ClientError('%s does not know the key in %s' % (args.url, kek_file),
                           EXIT_NOT_FOUND)
     except ValueError as error:
         # The server refused the KEK, or the data is not encrypted with it.
-        raise ClientError('%s: %s' % (data_file if not encrypting else kek_file, error))
+        raise ClientError('%s: %s' % (data_file or kek_file, error))
+    except WrappedKeysUnsupported as error:
+        raise ClientError(str(error))
     except (OSError, http.client.HTTPException) as error:
         # The facility wraps network errors; report the one underneath.
         cause = error.__cause__ or error
         if isinstance(cause, ssl.SSLError):
             raise ClientError('TLS failure talking to %s: %s' % (args.url, cause))
+        if isinstance(error, KeyServiceError) and error.__cause__ is None:
+            raise ClientError(str(error))  # an answer, not a network failure
         raise ClientError('cannot reach %s: %s' % (args.url, describe(cause)))
+
+
+def crypt(args, ssl_context, encrypting):
+    """Encrypt or decrypt a file locally, with the data key from the server."""
+    kek_file, data_file = args.encrypt if encrypting else args.decrypt
+    kek = read_file(kek_file, 'key encrypting key')
+    data = read_file(data_file, 'data')
+    facility = local_facility(args, ssl_context, args.wrapped)
+    if encrypting:
+        return facility_call(args, lambda: facility.encrypt(kek, data), kek_file)
+    return facility_call(args, lambda: facility.decrypt(kek, data), kek_file, data_file)
 
 
 def run(args):
@@ -215,6 +239,15 @@ def run(args):
         ssl_context = make_ssl_context(args.ca_certificate, args.cert, args.key)
     if args.encrypt or args.decrypt:
         return crypt(args, ssl_context, encrypting=bool(args.encrypt))
+    if args.wrapped:
+        if args.new:
+            facility = local_facility(args, ssl_context, wrapped=True)
+            return facility_call(args, facility.generate)
+        if args.get_key:
+            kek = read_file(args.get_key, 'key encrypting key')
+            facility = local_facility(args, ssl_context, wrapped=True)
+            return facility_call(args, lambda: facility.getEncryptionKey(kek), args.get_key)
+        raise ClientError('--wrapped goes with -n, -g, -e or -d')
     client = Client(args.url, ssl_context, args.timeout)
     if args.new:
         return client.call('POST', '/new', b'')

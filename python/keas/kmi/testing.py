@@ -57,7 +57,10 @@ class FakeHTTPConnection(object):
                                       headers=headers)
         views = {'/': rest.get_status, '/new': rest.create_key,
                  '/key': rest.get_key, '/rewrap': rest.rewrap_key}
-        view = views.get(url.split('?', 1)[0])
+        path = url.split('?', 1)[0]
+        view = views.get(path)
+        if view is None and path.startswith(rest.WRAPPED_PATH):
+            view = rest.wrapped_key
         if view is None:
             return FakeHTTPResponse(webob.exc.HTTPNotFound())
         return FakeHTTPResponse(view(self.context, request))

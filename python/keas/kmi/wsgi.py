@@ -1,11 +1,11 @@
 """The key management server as a WSGI application.
 
 ``application_factory`` is the PasteDeploy entry point (``egg:keas.kmi``): it
-routes ``GET /``, ``POST /new`` and ``POST /key`` to the views in
-``keas.kmi.rest`` and turns everything that goes wrong into a short plain-text
-answer. ``python -m keas.kmi.wsgi server.ini`` (what ``make serve`` runs)
-serves it with the server of the file's ``[server:main]``: granian, through
-``keas.kmi.server``.
+routes ``GET /``, ``POST /new``, ``POST /key``, ``POST /rewrap`` and
+``GET``/``PUT /wrapped/<name>`` to the views in ``keas.kmi.rest`` and turns
+everything that goes wrong into a short plain-text answer. ``python -m
+keas.kmi.wsgi server.ini`` (what ``make serve`` runs) serves it with the
+server of the file's ``[server:main]``: granian, through ``keas.kmi.server``.
 """
 import errno
 import logging
@@ -124,6 +124,10 @@ class KeyManagementApplication:
                 environ.get('PATH_INFO'), environ.get('REMOTE_ADDR'),
             )
             response = _plain(500, 'Internal server error')
+        if _is_wrapped(environ.get('PATH_INFO', '')) \
+                and rest.API_HEADER not in response.headers:
+            # Errors too: the client tells our 503 from an old server's answer.
+            response.headerlist.append((rest.API_HEADER, rest.API_VERSION))
         return response(environ, start_response)
 
     def fast_key(self, environ, start_response):
@@ -204,8 +208,11 @@ class KeyManagementApplication:
     def handle(self, request):
         # The raw path (WSGI's latin-1 str): webob's path_info decodes it as
         # UTF-8 and raises on other bytes, which are no route of ours anyway.
-        route = self.routes.get(request.environ.get('PATH_INFO', ''))
+        path = request.environ.get('PATH_INFO', '')
+        route = self.routes.get(path)
         if route is None:
+            if _is_wrapped(path):
+                return self.wrapped_key(request, path)
             return _plain(404, 'Not found')
         methods, handler = route
         if request.method not in methods:
@@ -268,6 +275,36 @@ class KeyManagementApplication:
             self.audit_refusal('rewrap', 'refused: %s' % response.status)
         return response
 
+    def wrapped_key(self, request, path):
+        """``GET``/``PUT /wrapped/<name>``: a wrapped DEK, returned or stored
+        as it is (no KEK involved), logged by name and audited first."""
+        method = request.method
+        name = path[len(rest.WRAPPED_PATH):]
+        body = b''
+        if method == 'PUT':
+            body = self.read_kek(request)
+            if body is None:
+                log.warning('refused to store a wrapped key for %s: body larger than %d bytes',
+                            request.remote_addr, self.max_kek_size)
+                length = request.content_length
+                if length is not None and length <= DRAIN_LIMIT:
+                    _drain(request.body_file_raw, length)  # so the client reads the 413
+                self.audit_refusal('put', 'refused: body too large')
+                return _plain(413, 'Request body too large', [('Connection', 'close')])
+            if request.content_length is not None and len(body) < request.content_length:
+                return self.incomplete(request.remote_addr, len(body), request.content_length)
+        code, body, headers, event, outcome = rest.answer_wrapped(
+            self.facility, method, name, body, request.headers)
+        if event is not None:
+            shown = name if rest.valid_name(name) else '(invalid name)'
+            if event == 'put':
+                log.info('wrapped key %s from %s: %s', shown, request.remote_addr,
+                         'stored' if code == 201 else outcome)
+            else:
+                log.info('wrapped key %s for %s: %s', shown, request.remote_addr,
+                         'sent' if outcome == 'ok' else outcome)
+        return rest.wrapped_response(code, body, headers, method)
+
     def read_kek(self, request):
         """The request body, or None when it is longer than a KEK can be."""
         limit = self.max_kek_size
@@ -289,6 +326,10 @@ class KeyManagementApplication:
 
 STATUS_LINES = {200: '200 OK', 400: '400 Bad Request', 403: '403 Forbidden',
                 404: '404 Not Found', 410: '410 Gone'}
+
+
+def _is_wrapped(path):
+    return path.startswith(rest.WRAPPED_PATH) or path == rest.WRAPPED_PATH.rstrip('/')
 
 
 def _environ_key(header):
