@@ -24,8 +24,10 @@ use zeroize::Zeroizing;
 use crate::errors::{KmiError, KmiResult};
 
 pub const BLOCK: usize = 16;
-/// Inputs from this size on are decrypted on several cores.
+/// Inputs from this size on are decrypted on several cores,
 const PARALLEL_DECRYPT_BYTES: usize = 4 << 20;
+/// in parts of this size (a multiple of the block size).
+const PARALLEL_PART_BYTES: usize = 2 << 20;
 /// File stream header: original size (`<Q`) and the random IV.
 pub const FILE_HEADER: usize = 8 + BLOCK;
 
@@ -215,6 +217,10 @@ impl DataCipher {
     /// each block needs only its own ciphertext and the one before it, so
     /// every part starts from the ciphertext block preceding it. The output
     /// is the same as `decrypt_blocks`.
+    ///
+    /// The parts are small and go, in order, to whichever thread is free: a
+    /// thread that the scheduler holds back (another process on its core)
+    /// then delays only the part it holds, not half of the work.
     fn decrypt_blocks_parallel(&self, chain: &[u8; BLOCK], input: &[u8], out: &mut [u8]) {
         if input.len() < PARALLEL_DECRYPT_BYTES {
             self.decrypt_blocks(chain, input, out);
@@ -228,21 +234,29 @@ impl DataCipher {
             self.decrypt_blocks(chain, input, out);
             return;
         }
-        let part = input.len().div_ceil(threads).next_multiple_of(BLOCK);
-        let (in_first, in_rest) = input.split_at(part);
-        let (out_first, out_rest) = out.split_at_mut(part);
+        let parts = std::sync::Mutex::new(
+            input
+                .chunks(PARALLEL_PART_BYTES)
+                .zip(out.chunks_mut(PARALLEL_PART_BYTES))
+                .enumerate(),
+        );
+        let work = || loop {
+            let next = parts.lock().expect("no panic while held").next();
+            let Some((i, (part_in, part_out))) = next else {
+                return;
+            };
+            let start = i * PARALLEL_PART_BYTES;
+            let iv = match start {
+                0 => *chain,
+                _ => input[start - BLOCK..start].try_into().expect("one block"),
+            };
+            self.decrypt_blocks(&iv, part_in, part_out);
+        };
         std::thread::scope(|scope| {
-            for (i, (inp, outp)) in in_rest
-                .chunks(part)
-                .zip(out_rest.chunks_mut(part))
-                .enumerate()
-            {
-                let start = part * (i + 1);
-                let iv: [u8; BLOCK] = input[start - BLOCK..start].try_into().expect("one block");
-                scope.spawn(move || self.decrypt_blocks(&iv, inp, outp));
+            for _ in 1..threads {
+                scope.spawn(&work);
             }
-            // The calling thread takes the first part.
-            self.decrypt_blocks(chain, in_first, out_first);
+            work(); // the calling thread works too
         });
     }
 
@@ -766,10 +780,24 @@ mod tests {
     #[test]
     fn parallel_decryption_matches_serial() {
         let c = cipher();
-        for len in [PARALLEL_DECRYPT_BYTES, PARALLEL_DECRYPT_BYTES * 3 + 17] {
-            let plain: Vec<u8> = (0..len).map(|i| (i % 253) as u8).collect();
-            let enc = c.encrypt(IV, &plain).unwrap();
-            assert_eq!(c.decrypt(IV, &enc).unwrap(), plain);
+        // Below the threshold, at it, and a last part shorter than the others.
+        for len in [
+            PARALLEL_DECRYPT_BYTES - BLOCK,
+            PARALLEL_DECRYPT_BYTES,
+            PARALLEL_DECRYPT_BYTES + 3 * PARALLEL_PART_BYTES + 5 * BLOCK,
+        ] {
+            let mut data = vec![0u8; len];
+            Rng(len as u64).fill(&mut data);
+            let iv: [u8; 16] = Rng(7).array();
+            let (mut serial, mut parallel) = (vec![0u8; len], vec![0u8; len]);
+            c.decrypt_blocks(&iv, &data, &mut serial);
+            c.decrypt_blocks_parallel(&iv, &data, &mut parallel);
+            assert!(serial == parallel, "{len} bytes");
+            let plain = &data[..len - 17];
+            assert_eq!(
+                c.decrypt(IV, &c.encrypt(IV, plain).unwrap()).unwrap(),
+                plain
+            );
         }
     }
 }
