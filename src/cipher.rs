@@ -13,6 +13,7 @@
 use aes::cipher::array::Array;
 use aes::cipher::consts::U16;
 use aes::cipher::inout::{InOut, InOutBuf};
+use aes::cipher::typenum::Unsigned;
 use aes::cipher::{
     BlockCipherDecBackend, BlockCipherDecClosure, BlockCipherDecrypt, BlockCipherEncBackend,
     BlockCipherEncClosure, BlockCipherEncrypt, BlockSizeUser, KeyInit, ParBlocks,
@@ -136,40 +137,55 @@ impl BlockSizeUser for CbcDecrypt<'_> {
     type BlockSize = U16;
 }
 
-/// XOR each decrypted block of `out` with the ciphertext block before it
-/// (`chain` for the first); returns the last ciphertext block. A plain loop
-/// over the bytes: it inlines into the backend's function and vectorizes
-/// there to its widest registers (an iterator chain over blocks was left out
-/// of line, spilling the round keys around a call for every batch).
+/// XOR the decrypted blocks `out`, which are blocks `start..` of `input`,
+/// with the ciphertext block before each (`chain` before block 0).
+///
+/// The XOR runs over `input` shifted back by one block, so that `out` is read
+/// in the alignment the backend has just written it in; reading `out` shifted
+/// instead (each block with the input block of the same batch before it)
+/// made decryption a quarter slower, 22 against 30 GB/s on one core in cache.
+/// Plain loops over bytes: they inline into the backend's function and
+/// vectorize there (an iterator chain over blocks was left out of line, and
+/// spilled the round keys around a call for every batch).
 #[inline(always)]
-fn unchain(out: &mut [Block], input: &[Block], chain: &Block) -> Block {
-    let Some(&last) = input.last() else {
-        return *chain;
-    };
-    let (o, i) = (
-        Block::slice_as_flattened_mut(out),
-        Block::slice_as_flattened(input),
-    );
-    assert_eq!(o.len(), i.len());
-    for k in BLOCK..o.len() {
-        o[k] ^= i[k - BLOCK];
+fn unchain(out: &mut [Block], input: &[Block], start: usize, chain: &Block) {
+    if out.is_empty() {
+        return;
     }
-    xor_into(&mut out[0], chain);
-    last
+    let (out, start) = match start {
+        0 => {
+            let (first, rest) = out.split_first_mut().expect("not empty");
+            xor_into(first, chain);
+            (rest, 1)
+        }
+        _ => (out, start),
+    };
+    let previous = &input[start - 1..start - 1 + out.len()];
+    let (out, previous) = (
+        Block::slice_as_flattened_mut(out),
+        Block::slice_as_flattened(previous),
+    );
+    for (o, p) in out.iter_mut().zip(previous) {
+        *o ^= p;
+    }
 }
 
 impl BlockCipherDecClosure for CbcDecrypt<'_> {
     #[inline(always)]
     fn call<B: BlockCipherDecBackend<BlockSize = U16>>(self, backend: &B) {
-        let mut chain = *self.chain;
-        let (in_batches, in_tail) = ParBlocks::<B>::slice_as_chunks(self.input);
-        let (out_batches, out_tail) = ParBlocks::<B>::slice_as_chunks_mut(self.out);
-        for (input, out) in in_batches.iter().zip(out_batches.iter_mut()) {
-            backend.decrypt_par_blocks(InOut::from((input, &mut *out)));
-            chain = unchain(out, input, &chain);
+        let CbcDecrypt { chain, input, out } = self;
+        let batch = B::ParBlocksSize::USIZE;
+        let (in_batches, in_tail) = ParBlocks::<B>::slice_as_chunks(input);
+        let (out_batches, out_tail) = ParBlocks::<B>::slice_as_chunks_mut(out);
+        for (i, (batch_in, batch_out)) in in_batches.iter().zip(out_batches).enumerate() {
+            backend.decrypt_par_blocks(InOut::from((batch_in, &mut *batch_out)));
+            unchain(batch_out, input, i * batch, chain);
         }
         backend.decrypt_tail_blocks(InOutBuf::new(in_tail, out_tail).expect("equal lengths"));
-        *self.chain = unchain(out_tail, in_tail, &chain);
+        unchain(out_tail, input, in_batches.len() * batch, chain);
+        if let Some(last) = input.last() {
+            *chain = *last;
+        }
     }
 }
 
