@@ -270,7 +270,7 @@ impl DataCipher {
         };
         std::thread::scope(|scope| {
             for _ in 1..threads {
-                scope.spawn(&work);
+                scope.spawn(work);
             }
             work(); // the calling thread works too
         });
