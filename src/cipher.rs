@@ -7,8 +7,9 @@
 //! instead of going through `cbc::Encryptor`/`Decryptor`: those keep the
 //! chaining value in memory, which puts a store and a reload on encryption's
 //! dependency chain (0.97 against 1.12 GB/s), and copy each batch of blocks
-//! twice when decrypting (14 against 23 GB/s on one core, in cache; measured
-//! with `examples/cipher_speed.rs`). The legacy PEM ciphers use `cbc` as is.
+//! twice when decrypting (14 against 23 GB/s on one core, in cache; a one-off
+//! comparison on the VAES-512 backend, 2026-12-01). The legacy PEM ciphers
+//! use `cbc` as is. `examples/cipher_speed.rs` measures this file's speed.
 
 use aes::cipher::array::Array;
 use aes::cipher::consts::U16;
@@ -144,9 +145,9 @@ impl BlockSizeUser for CbcDecrypt<'_> {
 /// in the alignment the backend has just written it in; reading `out` shifted
 /// instead (each block with the input block of the same batch before it)
 /// made decryption a quarter slower, 22 against 30 GB/s on one core in cache.
-/// Plain loops over bytes: they inline into the backend's function and
-/// vectorize there (an iterator chain over blocks was left out of line, and
-/// spilled the round keys around a call for every batch).
+/// The XOR is a loop over bytes, which inlines into the backend's function
+/// and vectorizes there (an iterator chain over blocks was left out of line,
+/// and spilled the round keys around a call for every batch).
 #[inline(always)]
 fn unchain(out: &mut [Block], input: &[Block], start: usize, chain: &Block) {
     if out.is_empty() {
