@@ -20,10 +20,10 @@ endif
 
 SOURCES := Cargo.toml pyproject.toml $(wildcard src/*.rs)
 
-.PHONY: test test-rust test-python serve certs bench lint fuzz clean
+.PHONY: test test-rust test-fuzz-build test-python serve certs bench lint fuzz clean
 
 ## make test: build everything and run the whole suite (fmt, clippy, cargo test, pytest, conformance, differential)
-test: lint test-rust test-python
+test: lint test-rust test-fuzz-build test-python
 
 test-rust:
 	cargo test --release --quiet
@@ -92,3 +92,10 @@ bench: $(VENV)/.built $(REFVENV)/.done
 FUZZ_SECONDS ?= 60
 fuzz:
 	fuzz/run.sh $(FUZZ_SECONDS)
+
+# Part of make test, so that the fuzz targets cannot rot unseen: the seeds are
+# made (into a temporary directory) and the fuzz crate is type-checked on the
+# stable toolchain, without cargo-fuzz.
+test-fuzz-build:
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && $(PYTHON) fuzz/make_seeds.py "$$tmp"
+	cargo check --quiet --manifest-path fuzz/Cargo.toml --bins

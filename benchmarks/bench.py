@@ -2,6 +2,7 @@
 
     make bench                 # the full run (about 5-15 minutes)
     BENCH_QUICK=1 make bench   # a smoke run with small sizes (under 2 minutes)
+    BENCH_ONLY=bulk,files make bench   # only these sections (see Bench.main)
 
 Each side runs in its own persistent worker process (``benchmarks/worker.py``
 under ``.venv/bin/python`` and under ``.venv-ref/bin/python``), driven over
@@ -572,7 +573,7 @@ class Bench:
         check(os.path.getsize(cipher) == size + 16, 'openssl ciphertext size')
         mib = size // MiB
         rows = {}
-        for which, factor in (('encrypt', 0.9), ('decrypt', 0.8)):
+        for which, factor in (('encrypt', 0.85), ('decrypt', 0.8)):
             rows[which] = self.row('%s %d MiB bytes' % (which, mib), unit_bytes=size,
                                    target='>= %g x openssl %s' % (factor, which))
             rows[which].goal = self.openssl_goal(which, factor)
@@ -589,7 +590,8 @@ class Bench:
                 for _, side in self.alternate(P['bulk_rounds']):
                     a = self.workers[side].call('bulk', which=which, kind='legacy',
                                                 plain='plain', cipher='cipher')
-                    self.record(row, side, a['seconds'])
+                    self.record(row, side, a['seconds'],
+                                untimed_call_before=round(a['warm_seconds'], 6))
             except (WorkerError, CheckFailed) as e:
                 row.fail(e)
         for side in SIDES:
@@ -1632,8 +1634,9 @@ end
             self.setup()
             header, sha = self.header()
             if only:
-                header.append('BENCH_ONLY: %s (the other sections did not run)'
-                              % ', '.join(name for name in sections if name in wanted))
+                header.append('only:    BENCH_ONLY=%s (a partial run)'
+                              % ','.join(name for name in sections if name in wanted))
+                sha += '-only-' + '-'.join(name for name in sections if name in wanted)
             section('small', self.small)
             section('bulk', self.measure_openssl, self.bulk)
             section('files', self.files, self.measure_openssl)

@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
-"""Write small seed corpora for the fuzz targets into fuzz/corpus/<target>/.
+"""Write small seed corpora for the fuzz targets into <corpus>/<target>/.
+
+    python3 fuzz/make_seeds.py [corpus]    # default: fuzz/corpus
 
 Needs only python3 and the openssl command line tool. The corpus directory is
-git-ignored: run this again on a fresh checkout (fuzz/run.sh does it when the
-corpus is missing). The input layouts are described at the top of each target
-in fuzz/fuzz_targets/.
+git-ignored: fuzz/run.sh runs this when it is missing, and `make test` runs it
+into a temporary directory, so that a seed that can no longer be made fails
+the tests rather than the next fuzzing run. The input layouts are described
+at the top of each target in fuzz/fuzz_targets/.
 """
 import hashlib
 import os
@@ -15,6 +18,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The published testing KEK is defined once, in the main crate.
+KEK_SOURCE = os.path.join(os.path.dirname(HERE), "src", "kek.rs")
+CORPUS = os.path.join(HERE, "corpus")
 PASSPHRASE = b"key management facility"
 KNOWN_DEK = b"keas.kmi fuzzing: the known DEK!"
 KNOWN_PS = 0x5A
@@ -23,8 +29,10 @@ IV = b"0123456789ABCDEF"
 
 
 def testing_kek():
-    with open(os.path.join(HERE, "fuzz_targets", "common.rs")) as f:
-        m = re.search(r'TESTING_KEK: &\[u8\] = b"(.*?)";', f.read(), re.S)
+    with open(KEK_SOURCE) as f:
+        m = re.search(r'const TESTING_KEK: &\[u8\] = b"(.*?)";', f.read(), re.S)
+    if m is None:
+        sys.exit("make_seeds.py: no `const TESTING_KEK: &[u8] = b\"...\";` in %s" % KEK_SOURCE)
     return m.group(1).encode()
 
 
@@ -41,7 +49,7 @@ def pem_body(pem):
 
 
 def write(target, name, data):
-    d = os.path.join(HERE, "corpus", target)
+    d = os.path.join(CORPUS, target)
     os.makedirs(d, exist_ok=True)
     with open(os.path.join(d, name), "wb") as f:
         f.write(data)
@@ -110,12 +118,15 @@ def cipher_seeds():
 
 
 def main():
+    global CORPUS
+    if len(sys.argv) > 1:
+        CORPUS = os.path.abspath(sys.argv[1])
     kek = testing_kek()
     pem_seeds(kek)
     dek_seeds(kek)
     cipher_seeds()
-    for t in sorted(os.listdir(os.path.join(HERE, "corpus"))):
-        print("%s: %d seeds" % (t, len(os.listdir(os.path.join(HERE, "corpus", t)))))
+    for t in sorted(os.listdir(CORPUS)):
+        print("%s: %d seeds" % (t, len(os.listdir(os.path.join(CORPUS, t)))))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 //! keas.kmi's core: KEKs, DEKs, the data cipher and the key store, in plain
 //! Rust; `python` holds the pyo3 bindings that `keas.kmi._kmi` exposes.
 
-mod aesni;
 pub mod cipher;
 pub mod errors;
 pub mod facility;
