@@ -117,6 +117,23 @@ def cipher_seeds():
         write("file_stream", "len-%d-pieces" % n, b"\x03\x01\x05\x00" + stream)
 
 
+def v2_seeds():
+    """The known-answer vectors (valid v2 messages: the target opens them with
+    the vector's DEK and associated data), whole, cut and flipped."""
+    import json
+    with open(os.path.join(HERE, "..", "tests", "vectors", "v2.json")) as f:
+        vectors = json.load(f)
+    for index, vector in enumerate(vectors):
+        sealed = bytes.fromhex(vector["ciphertext"])
+        for pieces in (0, 1, 9):
+            write("v2_open", "vector-%d-%d" % (index, pieces),
+                  bytes([index + 8 * pieces]) + sealed)
+        write("v2_open", "vector-%d-cut" % index, bytes([index]) + sealed[:-1])
+        flipped = bytearray(sealed)
+        flipped[len(flipped) // 2] ^= 1
+        write("v2_open", "vector-%d-flipped" % index, bytes([index]) + bytes(flipped))
+
+
 def main():
     global CORPUS
     if len(sys.argv) > 1:
@@ -125,6 +142,7 @@ def main():
     pem_seeds(kek)
     dek_seeds(kek)
     cipher_seeds()
+    v2_seeds()
     for t in sorted(os.listdir(CORPUS)):
         print("%s: %d seeds" % (t, len(os.listdir(os.path.join(CORPUS, t)))))
 

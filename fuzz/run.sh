@@ -16,7 +16,7 @@ set -euo pipefail
 
 secs="${1:-60}"
 case "$secs" in ''|*[!0-9]*) echo "usage: $0 [seconds-per-target]" >&2; exit 2 ;; esac
-targets="${TARGETS:-pem_import dek_unwrap decrypt file_stream}"
+targets="${TARGETS:-pem_import dek_unwrap decrypt file_stream v2_open}"
 build_flags="${FUZZ_BUILD_FLAGS:--a}"
 timeout="${FUZZ_TIMEOUT:-20}"
 
