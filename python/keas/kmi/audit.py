@@ -30,6 +30,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import threading
 import weakref
 
@@ -51,6 +52,8 @@ class AuditError(OSError):
 
 
 CHAIN = ('seq', 'prev', 'hash')
+# How every line this module writes ends (see _line).
+_CHAIN_END = re.compile(rb'"seq":(\d+),"hash":"([0-9a-f]{64})"\}\n\Z')
 
 
 def canonical(entry):
@@ -58,10 +61,18 @@ def canonical(entry):
 
 
 def entry_fields(fields, when=None):
-    """The JSON text of an event's fields, as the chain hashes it."""
-    body = {k: fields.get(k) for k in FIELDS}
-    body['time'] = when or now_iso()
-    return canonical(body)
+    """The JSON text of an event's fields, as the chain hashes it: what
+    ``canonical`` makes of them (sorted keys, no spaces, ASCII), written out
+    directly, as every key request pays for it."""
+    values = dict(fields, time=when or now_iso())
+    return '{%s}' % ','.join(
+        '"%s":%s' % (key, 'null' if values.get(key) is None
+                     else _quote(str(values[key])))
+        for key in _BODY_KEYS)
+
+
+_BODY_KEYS = tuple(sorted(FIELDS + ('time',)))
+_quote = json.encoder.encode_basestring_ascii
 
 
 def chain_hash(prev, seq, fields_text):
@@ -71,10 +82,16 @@ def chain_hash(prev, seq, fields_text):
 
 def seal_entry(fields, seq, prev, when=None):
     """The entry for ``fields`` after the entry ``(seq - 1, prev)``, and its line."""
-    text = entry_fields(fields, when)
-    entry = json.loads(text)
-    entry.update(seq=seq, prev=prev, hash=chain_hash(prev, seq, text))
-    return entry, canonical(entry)
+    line = _line(entry_fields(fields, when), seq, prev)
+    return json.loads(line), line
+
+
+def _line(body, seq, prev):
+    """The JSON line of an entry: its fields, then the chain. (The order of
+    keys in the line does not matter: the hash covers ``body`` as
+    ``entry_fields`` writes it, which ``check_entry`` rebuilds.)"""
+    return '%s,"prev":"%s","seq":%d,"hash":"%s"}' % (
+        body[:-1], prev, seq, chain_hash(prev, seq, body))
 
 
 def check_entry(entry, prev, body_text=None):
@@ -154,7 +171,15 @@ class FileAuditLog:
         middle of a write, never acknowledged) is cut off first."""
         if size == 0:
             return (0, GENESIS), 0
-        tail = os.pread(fd, min(size, 65536), max(0, size - 65536))
+        # The chain ends every line: read only that, when it is whole.
+        suffix = os.pread(fd, min(size, 200), max(0, size - 200))
+        match = _CHAIN_END.search(suffix)
+        if match:
+            return (int(match.group(1)), match.group(2).decode()), size
+        for span in (4096, 65536, size):
+            tail = os.pread(fd, min(size, span), max(0, size - span))
+            if tail.count(b'\n') >= 2 or span >= size:
+                break
         if not tail.endswith(b'\n'):
             cut = tail.rfind(b'\n')
             size = size - len(tail) + cut + 1
@@ -174,6 +199,7 @@ class FileAuditLog:
         """Write one entry; fsync it now if ``sync`` (default: for key changes)."""
         if sync is None:
             sync = fields.get('event') in CHANGES
+        body = entry_fields(fields)
         with self._lock:
             try:
                 fd = self._open()
@@ -184,9 +210,8 @@ class FileAuditLog:
                 size = os.fstat(fd).st_size
                 if size != self._end:  # another process wrote since
                     self._head, size = self._read_head(fd, size)
-                seq, prev = self._head
-                entry, line = seal_entry(fields, seq + 1, prev)
-                data = (line + '\n').encode()
+                seq = self._head[0] + 1
+                data = (_line(body, seq, self._head[1]) + '\n').encode()
                 try:
                     written = os.write(fd, data)
                     while written < len(data):
@@ -203,11 +228,13 @@ class FileAuditLog:
                     raise AuditError('cannot write the audit log %s: %s'
                                      % (self.path, error)) from error
                 self._end = size + len(data)
-                self._head = (entry['seq'], entry['hash'])
+                digest = data[-67:-3].decode()  # the hash, last in the line
+                prev = self._head[1]
+                self._head = (seq, digest)
                 if not sync:
                     self._unsynced = True
                     self._start_flusher()
-                return entry
+                return {'seq': seq, 'prev': prev, 'hash': digest}
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -218,11 +245,13 @@ class FileAuditLog:
             self._flusher.start()
 
     def flush(self):
-        """fsync what was written and not yet synced."""
-        if self._unsynced and self._fd is not None:
+        """fsync what was written and not yet synced (appends go on meanwhile:
+        an fsync takes milliseconds here, and a lock would stall them)."""
+        fd = self._fd
+        if self._unsynced and fd is not None:
             self._unsynced = False
             try:
-                os.fsync(self._fd)
+                os.fsync(fd)
             except OSError:
                 self._unsynced = True
                 raise
@@ -265,8 +294,7 @@ def _flush_loop(ref):
             return
         interval = log.sync_interval
         try:
-            with log._lock:
-                log.flush()
+            log.flush()
         except OSError:
             pass  # reported by the next append, which fails closed
         del log
@@ -296,7 +324,6 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _flush_all():
     for log in list(_OPEN_LOGS):
         try:
-            with log._lock:
-                log.flush()
+            log.flush()
         except OSError:
             pass

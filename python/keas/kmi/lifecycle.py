@@ -68,10 +68,11 @@ def describe_refusal(name, state, action):
 
 
 def now_iso(t=None):
-    """An RFC 3339 UTC time stamp with microseconds."""
+    """An RFC 3339 UTC time stamp with microseconds (every audit entry has one)."""
     t = time.time() if t is None else t
-    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).strftime(
-        '%Y-%m-%dT%H:%M:%S.%fZ')
+    seconds = int(t)
+    return '%s.%06dZ' % (time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime(seconds)),
+                         int((t - seconds) * 1e6))
 
 
 def parse_iso(text):
