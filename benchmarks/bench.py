@@ -89,7 +89,7 @@ P = {
     'zodb_objects': (10000, 1000),
     'zodb_rounds': (5, 2),
     'wsgi_seconds': (10, 3),
-    'wsgi_runs': (2, 1),
+    'wsgi_runs': (3, 1),
     'memory_mib': (1024, 64),
     # wrapped keys: our client in wrapped mode against legacy mode, one server
     'wrapped_cold_calls': (10, 3),
@@ -915,7 +915,7 @@ class Bench:
             time.sleep(0.2)
 
     def start_gunicorn(self, name, side, store, args=(), tls=False, app_use=None,
-                       pythonpath=None):
+                       pythonpath=None, app_settings=None):
         """gunicorn -w 2 on a free port, serving ``app_use`` (the side's
         keas.kmi.wsgi:application_factory) over ``store``."""
         gunicorn = os.path.join(os.path.dirname(PYTHONS[side]), 'gunicorn')
@@ -923,7 +923,7 @@ class Bench:
             raise RuntimeError('no gunicorn in %s (pip install gunicorn)'
                                % os.path.dirname(gunicorn))
         ini = self.write_ini(name, app_use or 'call:keas.kmi.wsgi:application_factory',
-                             store)
+                             store, app_settings=app_settings)
         port = free_port()
         tls_args = []
         if tls:
@@ -946,7 +946,7 @@ class Bench:
         return self.start_server(name, [PYTHONS['ours'], '-m', 'keas.kmi.wsgi', ini],
                                  port, tls=True)
 
-    def start_event_worker(self, store):
+    def start_event_worker(self, store, name='eventworker', app_settings=None):
         """Our application under the event-loop gunicorn worker of
         EVENT_WORKER_COMMIT (its worker.py, read from git), with TLS and the
         worker settings of that commit's server.ini. That commit's application
@@ -976,9 +976,9 @@ class Bench:
         args = ['-k', 'eventworker_%s.EventWorker' % commit, '--threads', '32',
                 '--keep-alive', '2']
         self.event_worker_args = args
-        return self.start_gunicorn('eventworker', 'ours', store, args, tls=True,
+        return self.start_gunicorn(name, 'ours', store, args, tls=True,
                                    app_use='call:eventworker_app:factory',
-                                   pythonpath=folder)
+                                   pythonpath=folder, app_settings=app_settings)
 
     @staticmethod
     def connection(port, tls, timeout=10):
@@ -1066,6 +1066,7 @@ end
         event = self.row('  same, granian vs (ref column) EventWorker %s'
                          % self.EVENT_WORKER_COMMIT, kind='rate', target='>= 1.0x')
         event.goal = speedup_goal(1.0)
+        unaudited = self.row('  same, both with the audit log off', kind='rate')
         # The reference with gunicorn workers that keep connections open.
         gthread = self.row('  same, ref with gthread workers (keep-alive)', kind='rate')
         # The applications alone: gunicorn's sync workers, plain HTTP, both sides.
@@ -1073,7 +1074,7 @@ end
         probe = subprocess.run([PYTHONS['ours'], '-c', 'import granian, keas.kmi.server'],
                                capture_output=True, text=True)
         if probe.returncode != 0:
-            for row in (served, event, gthread, sync):
+            for row in (served, event, unaudited, gthread, sync):
                 row.skip('granian or our keas.kmi.server is not importable: %s'
                          % (probe.stderr.strip().splitlines() or ['?'])[-1])
             return
@@ -1085,7 +1086,7 @@ end
             granian = self.start_make_serve(store)
             ref_tls = self.start_gunicorn('ref-tls', 'ref', store, tls=True)
         except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
-            for row in (served, event, gthread):
+            for row in (served, event, unaudited, gthread):
                 row.fail(e)
         else:
             served.note = (
@@ -1111,6 +1112,17 @@ end
                        self.EVENT_WORKER_COMMIT))
                 self.wsgi_rounds(event, {'ours': granian, 'ref': eventworker}, kek, script,
                                  tls=True)
+            # The servers alone: the same, with the application's audit log off.
+            try:
+                quiet = {'ours': self.start_make_serve(store, name='granian-noaudit',
+                                                       app_settings={'audit': 'off'}),
+                         'ref': self.start_event_worker(store, name='eventworker-noaudit',
+                                                        app_settings={'audit': 'off'})}
+            except (RuntimeError, CheckFailed, subprocess.SubprocessError, OSError) as e:
+                unaudited.fail(e)
+            else:
+                unaudited.note = 'as the row above, both with audit = off'
+                self.wsgi_rounds(unaudited, quiet, kek, script, tls=True)
             args = ['-k', 'gthread', '--threads', '4', '--keep-alive', '2']
             try:
                 ref_gthread = self.start_gunicorn('ref-gthread', 'ref', store, args, tls=True)

@@ -223,6 +223,25 @@ impl Facility {
         Ok(Some((f(entry)?, state)))
     }
 
+    /// What a server answers for a cached `kek`: the DEK, its v2 keys (for
+    /// the kid) and its name, with the state check, in one lookup.
+    pub fn cached_serving(
+        &self,
+        kek: &[u8],
+        timeout: f64,
+        state_age: f64,
+    ) -> Option<((Zeroizing<Vec<u8>>, Arc<V2Key>, String), StateCheck)> {
+        self.fresh(kek, timeout, state_age, |entry| {
+            let dek = &entry.dek;
+            let v2 = entry
+                .v2
+                .get_or_insert_with(|| Arc::new(V2Key::new(dek)))
+                .clone();
+            Ok((entry.dek.clone(), v2, entry.name.clone()))
+        })
+        .expect("cannot fail")
+    }
+
     /// The DEK for `kek` if it is cached and younger than `timeout` seconds.
     pub fn cached_dek(
         &self,

@@ -812,22 +812,31 @@ impl Facility {
         Ok(PyBytes::new(py, &dek))
     }
 
-    /// `dek`, the state of its key (what the server tells clients) and its
-    /// v2 kid (what the audit log records).
+    /// `dek`, the state of its key (what the server tells clients), its v2
+    /// kid and its name (what the audit log records).
     fn dek_and_state<'py>(
         &self,
         py: Python<'py>,
         owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
-    ) -> PyResult<(Bound<'py, PyBytes>, &'static str, String)> {
+    ) -> PyResult<(Bound<'py, PyBytes>, &'static str, String, String)> {
         let kek = bytes_like(kek, "key")?;
         let timeout = owner_timeout(owner)?;
+        if let Some(((dek, v2, name), check)) =
+            self.inner.cached_serving(&kek, timeout, self.state_refresh)
+        {
+            let state = self.check_state(py, owner, &kek, check, false)?;
+            let kid = hex::encode(v2.kid());
+            return Ok((PyBytes::new(py, &dek), state.as_str(), kid, name));
+        }
         let (dek, state) = self.dek_or_fetch(py, owner, &kek, timeout, false)?;
-        let kid = match self.inner.cached_v2(&kek, f64::INFINITY, f64::INFINITY) {
-            Some((key, _)) => hex::encode(key.kid()),
-            None => hex::encode(V2Key::new(&dek).kid()),
-        };
-        Ok((PyBytes::new(py, &dek), state.as_str(), kid))
+        let kid = hex::encode(V2Key::new(&dek).kid());
+        Ok((
+            PyBytes::new(py, &dek),
+            state.as_str(),
+            kid,
+            facility::kek_name(&kek),
+        ))
     }
 
     /// `encrypt` in the owner's `dataFormat`: 1, legacy AES-256-CBC

@@ -62,23 +62,25 @@ def create_key(context, request):
 
 
 def answer_key(context, kek):
-    """``POST /key`` as ``(status code, body, headers, outcome, kid)``: the
-    DEK of ``kek``, or why not (``outcome`` says so in the audit log)."""
-    kid = None
+    """``POST /key`` as ``(status code, body, headers, outcome, kid, name)``:
+    the DEK of ``kek``, or why not (``outcome`` says so in the audit log);
+    kid and name when the facility gives them cheaply, else None."""
+    kid = name = None
     try:
         if getattr(context, '_native', False):
-            dek, state, kid = context._core.dek_and_state(context, kek)
+            dek, state, kid, name = context._core.dek_and_state(context, kek)
         else:
             dek, state = context.getEncryptionKey(kek), None
     except KeyStateError as refused:
         code, text = REFUSALS.get(refused.state, (403, 'Key refused'))
-        return code, text.encode(), [(KEY_STATE_HEADER, refused.state)], refused.state, None
+        return (code, text.encode(), [(KEY_STATE_HEADER, refused.state)], refused.state,
+                None, None)
     except KeyError:
-        return 404, KEY_NOT_FOUND.encode(), [], 'not found', None
+        return 404, KEY_NOT_FOUND.encode(), [], 'not found', None, None
     except ValueError:
         # A known name but a KEK that cannot be read: the client's mistake.
-        return 400, INVALID_KEK.encode(), [], 'invalid KEK', None
-    return 200, dek, [(KEY_STATE_HEADER, state)] if state else [], 'ok', kid
+        return 400, INVALID_KEK.encode(), [], 'invalid KEK', None, None
+    return 200, dek, [(KEY_STATE_HEADER, state)] if state else [], 'ok', kid, name
 
 
 def _refused(code, body, headers):
@@ -91,7 +93,7 @@ def _refused(code, body, headers):
 
 def get_key(context, request):
     """``POST /key``: the data encrypting key belonging to the KEK in the body."""
-    code, body, headers, _, _ = answer_key(context, request.body)
+    code, body, headers, _, _, _ = answer_key(context, request.body)
     if code != 200:
         return _refused(code, body, headers)
     response = _plain(body)

@@ -175,9 +175,9 @@ class KeyManagementApplication:
         """(status, body, headers) for a DEK request, logged by the KEK's name
         and written to the audit log before it is answered."""
         headers = []
-        kid = None
+        kid = name = None
         try:
-            code, body, headers, outcome, kid = rest.answer_key(self.facility, kek)
+            code, body, headers, outcome, kid, name = rest.answer_key(self.facility, kek)
             status = STATUS_LINES[code]
         except StoreUnavailable as error:
             log.error('data key for %s: %s', client, error)
@@ -187,9 +187,8 @@ class KeyManagementApplication:
         except Exception:
             log.exception('internal error on POST /key from %s', client)
             status, body, outcome = '500 Internal Server Error', b'Internal server error', 'error'
-        name = None
         auditing = getattr(self.facility, 'auditing', False)
-        if auditing or log.isEnabledFor(logging.INFO):
+        if name is None and (auditing or log.isEnabledFor(logging.INFO)):
             name = key_name(kek)  # the md5 costs more than the lookup
         if auditing:
             try:
