@@ -1,6 +1,7 @@
 //! keas.kmi's core: KEKs, DEKs, the data cipher and the key store, in plain
 //! Rust; `python` holds the pyo3 bindings that `keas.kmi._kmi` exposes.
 
+pub mod audit;
 pub mod cipher;
 pub mod errors;
 pub mod facility;

@@ -931,6 +931,38 @@ impl Facility {
     }
 }
 
+/// The audit log's file (`keas.kmi.audit.FileAuditLog` wraps it). `append`
+/// keeps the GIL: it is a few microseconds of system calls, and releasing
+/// the GIL in them made a server's threads queue on each other.
+#[pyclass(frozen, module = "keas.kmi._kmi")]
+struct AuditFile {
+    inner: crate::audit::AuditFile,
+}
+
+#[pymethods]
+impl AuditFile {
+    #[new]
+    fn new(path: std::path::PathBuf) -> Self {
+        AuditFile {
+            inner: crate::audit::AuditFile::new(path),
+        }
+    }
+
+    /// Append an entry (its fields' JSON); (seq, prev, hash). OSError if it cannot.
+    fn append(&self, body: &str, sync: bool) -> PyResult<(u64, String, String)> {
+        Ok(self.inner.append(body, sync)?)
+    }
+
+    /// fsync the entries appended since the last (GIL released).
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.flush())?)
+    }
+
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        Ok(py.detach(|| self.inner.close())?)
+    }
+}
+
 /// The storage directory: `<name>.dek` files written once, `<name>.meta`
 /// sidecars replaced atomically (`keas.kmi.store.DirectoryStore` wraps it).
 #[pyclass(frozen, module = "keas.kmi._kmi")]
@@ -1003,6 +1035,7 @@ fn load_state<'py>(data: &Bound<'py, PyAny>, default: Bound<'py, PyAny>) -> Boun
 fn _kmi(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Facility>()?;
     m.add_class::<DekStore>()?;
+    m.add_class::<AuditFile>()?;
     m.add_class::<PyV2Key>()?;
     m.add("V2_MAGIC", PyBytes::new(m.py(), &v2::MAGIC))?;
     m.add(

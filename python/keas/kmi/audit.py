@@ -26,14 +26,13 @@ When the log cannot be written the request is refused (``AuditError``).
 """
 import atexit
 import contextvars
-import fcntl
 import hashlib
 import json
 import os
-import re
 import threading
 import weakref
 
+from keas.kmi import _kmi
 from keas.kmi.lifecycle import now_iso
 
 GENESIS = '0' * 64
@@ -52,8 +51,6 @@ class AuditError(OSError):
 
 
 CHAIN = ('seq', 'prev', 'hash')
-# How every line this module writes ends (see _line).
-_CHAIN_END = re.compile(rb'"seq":(\d+),"hash":"([0-9a-f]{64})"\}\n\Z')
 
 
 def canonical(entry):
@@ -78,20 +75,6 @@ _quote = json.encoder.encode_basestring_ascii
 def chain_hash(prev, seq, fields_text):
     """What links an entry to the one before (a database computes the same)."""
     return hashlib.sha256(('%s\n%d\n%s' % (prev, seq, fields_text)).encode()).hexdigest()
-
-
-def seal_entry(fields, seq, prev, when=None):
-    """The entry for ``fields`` after the entry ``(seq - 1, prev)``, and its line."""
-    line = _line(entry_fields(fields, when), seq, prev)
-    return json.loads(line), line
-
-
-def _line(body, seq, prev):
-    """The JSON line of an entry: its fields, then the chain. (The order of
-    keys in the line does not matter: the hash covers ``body`` as
-    ``entry_fields`` writes it, which ``check_entry`` rebuilds.)"""
-    return '%s,"prev":"%s","seq":%d,"hash":"%s"}' % (
-        body[:-1], prev, seq, chain_hash(prev, seq, body))
 
 
 def check_entry(entry, prev, body_text=None):
@@ -145,116 +128,36 @@ def verify_lines(lines):
 
 
 class FileAuditLog:
-    """An audit log in a file of JSON lines (created 0600)."""
+    """An audit log in a file of JSON lines (created 0600). The appends are
+    made by ``keas.kmi._kmi.AuditFile`` (src/audit.rs), which holds the lock."""
 
     def __init__(self, path, sync_interval=1.0):
         self.path = path
         self.sync_interval = sync_interval
-        self._lock = threading.Lock()
-        self._fd = None
-        self._end = None  # file size after our last append (or read of the head)
-        self._head = (0, GENESIS)
-        self._unsynced = False
+        self._file = _kmi.AuditFile(path)
         self._flusher = None
-
-    def _open(self):
-        if self._fd is None:
-            folder = os.path.dirname(os.path.abspath(self.path))
-            os.makedirs(folder, mode=0o700, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC,
-                               0o600)
-            _OPEN_LOGS.add(self)
-        return self._fd
-
-    def _read_head(self, fd, size):
-        """(seq, hash) of the last entry; a partial last line (a crash in the
-        middle of a write, never acknowledged) is cut off first."""
-        if size == 0:
-            return (0, GENESIS), 0
-        # The chain ends every line: read only that, when it is whole.
-        suffix = os.pread(fd, min(size, 200), max(0, size - 200))
-        match = _CHAIN_END.search(suffix)
-        if match:
-            return (int(match.group(1)), match.group(2).decode()), size
-        for span in (4096, 65536, size):
-            tail = os.pread(fd, min(size, span), max(0, size - span))
-            if tail.count(b'\n') >= 2 or span >= size:
-                break
-        if not tail.endswith(b'\n'):
-            cut = tail.rfind(b'\n')
-            size = size - len(tail) + cut + 1
-            os.ftruncate(fd, size)
-            tail = tail[:cut + 1]
-            if not tail:
-                return (0, GENESIS), size
-        last = tail[:-1].rsplit(b'\n', 1)[-1]
-        try:
-            entry = json.loads(last)
-            return (int(entry['seq']), entry['hash']), size
-        except (ValueError, KeyError, TypeError):
-            raise AuditError('the audit log %s ends in a damaged entry: run kmi audit verify'
-                             % self.path)
+        _OPEN_LOGS.add(self)
 
     def append(self, sync=None, **fields):
         """Write one entry; fsync it now if ``sync`` (default: for key changes)."""
         if sync is None:
             sync = fields.get('event') in CHANGES
-        body = entry_fields(fields)
-        with self._lock:
-            try:
-                fd = self._open()
-                fcntl.flock(fd, fcntl.LOCK_EX)
-            except OSError as error:
-                raise AuditError('cannot open the audit log %s: %s' % (self.path, error)) from error
-            try:
-                size = os.fstat(fd).st_size
-                if size != self._end:  # another process wrote since
-                    self._head, size = self._read_head(fd, size)
-                seq = self._head[0] + 1
-                data = (_line(body, seq, self._head[1]) + '\n').encode()
-                try:
-                    written = os.write(fd, data)
-                    while written < len(data):
-                        written += os.write(fd, data[written:])
-                    if sync:
-                        os.fsync(fd)
-                except OSError as error:
-                    # Leave no partial entry behind: the chain stays whole.
-                    try:
-                        os.ftruncate(fd, size)
-                    except OSError:
-                        pass
-                    self._end = None
-                    raise AuditError('cannot write the audit log %s: %s'
-                                     % (self.path, error)) from error
-                self._end = size + len(data)
-                digest = data[-67:-3].decode()  # the hash, last in the line
-                prev = self._head[1]
-                self._head = (seq, digest)
-                if not sync:
-                    self._unsynced = True
-                    self._start_flusher()
-                return {'seq': seq, 'prev': prev, 'hash': digest}
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
+        try:
+            seq, prev, digest = self._file.append(entry_fields(fields), sync)
+        except OSError as error:
+            raise AuditError('cannot write the audit log %s: %s' % (self.path, error)) from error
+        if not sync and self._flusher is None:
+            self._start_flusher()
+        return {'seq': seq, 'prev': prev, 'hash': digest}
 
     def _start_flusher(self):
-        if self._flusher is None:
-            self._flusher = threading.Thread(target=_flush_loop, args=(weakref.ref(self),),
-                                             name='kmi-audit-fsync', daemon=True)
-            self._flusher.start()
+        self._flusher = threading.Thread(target=_flush_loop, args=(weakref.ref(self),),
+                                         name='kmi-audit-fsync', daemon=True)
+        self._flusher.start()
 
     def flush(self):
-        """fsync what was written and not yet synced (appends go on meanwhile:
-        an fsync takes milliseconds here, and a lock would stall them)."""
-        fd = self._fd
-        if self._unsynced and fd is not None:
-            self._unsynced = False
-            try:
-                os.fsync(fd)
-            except OSError:
-                self._unsynced = True
-                raise
+        """fsync what was written and not yet synced."""
+        self._file.flush()
 
     def lines(self):
         """(line number, text) of every entry, for verify and tail."""
@@ -274,12 +177,7 @@ class FileAuditLog:
         return [json.loads(text) for _, text in lines if text.strip()]
 
     def close(self):
-        with self._lock:
-            if self._fd is not None:
-                self.flush()
-                os.close(self._fd)
-                self._fd = None
-                _OPEN_LOGS.discard(self)
+        self._file.close()
 
 
 _OPEN_LOGS = weakref.WeakSet()
@@ -302,19 +200,14 @@ def _flush_loop(ref):
 
 
 def _after_fork_in_child():
-    """A forked child (a server worker) gets its own descriptor: an inherited
-    one shares the parent's open file, and so its flock, which would then
-    exclude nobody. The lock and the flusher thread are the child's too."""
+    """A forked child (a server worker) gets a file of its own: an inherited
+    descriptor shares the parent's open file, and so its flock, which would
+    then exclude nobody. (The inherited writer, whose lock another thread may
+    have held at the fork, is dropped with its descriptor.) The flusher
+    thread is the child's too."""
     for log in list(_OPEN_LOGS):
-        log._lock = threading.Lock()
+        log._file = _kmi.AuditFile(log.path)
         log._flusher = None
-        log._end = None
-        if log._fd is not None:
-            try:
-                os.close(log._fd)
-            except OSError:
-                pass
-            log._fd = None
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
