@@ -50,6 +50,9 @@ pub struct CachedDek {
     state_read: f64,
 }
 
+/// What a server needs of a cached DEK: the DEK, its v2 keys and its name.
+pub type Serving = (Zeroizing<Vec<u8>>, Arc<V2Key>, String);
+
 /// A cached entry's key state, or its name when the state is due to be read again.
 pub type StateCheck = Result<KeyState, String>;
 
@@ -230,7 +233,7 @@ impl Facility {
         kek: &[u8],
         timeout: f64,
         state_age: f64,
-    ) -> Option<((Zeroizing<Vec<u8>>, Arc<V2Key>, String), StateCheck)> {
+    ) -> Option<(Serving, StateCheck)> {
         self.fresh(kek, timeout, state_age, |entry| {
             let dek = &entry.dek;
             let v2 = entry
