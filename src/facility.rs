@@ -4,7 +4,6 @@
 //! live is the caller's business: the directory of [`crate::store`], or a
 //! database.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -40,6 +39,8 @@ pub struct Generated {
 
 /// A cached, unwrapped DEK and the cipher derived from it.
 pub struct CachedDek {
+    kek: Box<[u8]>,
+    kek_hash: u64,
     pub name: String,
     pub fetched: f64,
     pub dek: Zeroizing<Vec<u8>>,
@@ -99,8 +100,48 @@ impl KeyState {
     }
 }
 
-/// Cached DEKs by the exact KEK bytes (foldhash: the KEK is ~1.7 KB and hashed on every call).
-type DekMap = HashMap<Box<[u8]>, CachedDek, foldhash::fast::RandomState>;
+/// A KEK as the DEK cache finds it: its bytes, and a hash of them that the
+/// caller may already have (Python caches a `bytes` object's hash, so a
+/// warm call need not hash the ~1.7 KB again; it still compares them).
+#[derive(Clone, Copy)]
+pub struct KekId<'a> {
+    pub bytes: &'a [u8],
+    pub hash: u64,
+}
+
+impl<'a> KekId<'a> {
+    pub fn hashed(bytes: &'a [u8], hash: u64) -> KekId<'a> {
+        KekId { bytes, hash }
+    }
+}
+
+impl<'a> From<&'a [u8]> for KekId<'a> {
+    fn from(bytes: &'a [u8]) -> KekId<'a> {
+        use std::hash::BuildHasher;
+        static SEED: std::sync::OnceLock<foldhash::fast::RandomState> = std::sync::OnceLock::new();
+        let hash = SEED.get_or_init(Default::default).hash_one(bytes);
+        KekId { bytes, hash }
+    }
+}
+
+impl<'a> From<&'a Vec<u8>> for KekId<'a> {
+    fn from(bytes: &'a Vec<u8>) -> KekId<'a> {
+        KekId::from(&bytes[..])
+    }
+}
+
+impl<'a, const N: usize> From<&'a [u8; N]> for KekId<'a> {
+    fn from(bytes: &'a [u8; N]) -> KekId<'a> {
+        KekId::from(&bytes[..])
+    }
+}
+
+/// Cached DEKs, found by their KEK's hash and exact bytes.
+type DekMap = hashbrown::HashTable<CachedDek>;
+
+fn find<'m>(deks: &'m mut DekMap, kek: KekId<'_>) -> Option<&'m mut CachedDek> {
+    deks.find_mut(kek.hash, |e| e.kek_hash == kek.hash && *e.kek == *kek.bytes)
+}
 
 pub struct Facility {
     deks: Mutex<DekMap>,
@@ -148,7 +189,7 @@ pub fn unwrap_with(
 impl Facility {
     pub fn new(max_cached: usize) -> Facility {
         Facility {
-            deks: Mutex::new(HashMap::default()),
+            deks: Mutex::new(DekMap::new()),
             max_cached: max_cached.max(1),
         }
     }
@@ -205,13 +246,13 @@ impl Facility {
     /// the ~1.7 KB KEK per call.
     fn fresh<T>(
         &self,
-        kek: &[u8],
+        kek: KekId<'_>,
         timeout: f64,
         state_age: f64,
         f: impl FnOnce(&mut CachedDek) -> KmiResult<T>,
     ) -> KmiResult<Option<(T, StateCheck)>> {
         let mut deks = self.deks();
-        let Some(entry) = deks.get_mut(kek) else {
+        let Some(entry) = find(&mut deks, kek) else {
             return Ok(None);
         };
         let now = now();
@@ -228,13 +269,13 @@ impl Facility {
 
     /// What a server answers for a cached `kek`: the DEK, its v2 keys (for
     /// the kid) and its name, with the state check, in one lookup.
-    pub fn cached_serving(
+    pub fn cached_serving<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         timeout: f64,
         state_age: f64,
     ) -> Option<(Serving, StateCheck)> {
-        self.fresh(kek, timeout, state_age, |entry| {
+        self.fresh(kek.into(), timeout, state_age, |entry| {
             let dek = &entry.dek;
             let v2 = entry
                 .v2
@@ -246,27 +287,28 @@ impl Facility {
     }
 
     /// The DEK for `kek` if it is cached and younger than `timeout` seconds.
-    pub fn cached_dek(
+    pub fn cached_dek<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         timeout: f64,
         state_age: f64,
     ) -> Option<(Zeroizing<Vec<u8>>, StateCheck)> {
-        self.fresh(kek, timeout, state_age, |e| Ok(e.dek.clone()))
+        self.fresh(kek.into(), timeout, state_age, |e| Ok(e.dek.clone()))
             .expect("cannot fail")
     }
 
     /// Unwrap `wrapped`, the stored DEK named `name`, with `kek`, and cache
     /// it with the key's `state` as just read.
-    pub fn unwrap(
+    pub fn unwrap<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         name: &str,
         wrapped: &[u8],
         policy: &DekPolicy,
         state: KeyState,
     ) -> KmiResult<Zeroizing<Vec<u8>>> {
-        let dek = unwrap_with(kek, name, wrapped, policy)?;
+        let kek = kek.into();
+        let dek = unwrap_with(kek.bytes, name, wrapped, policy)?;
         self.remember(
             kek,
             name.to_owned(),
@@ -279,29 +321,43 @@ impl Facility {
     }
 
     /// Record the state just read for `kek`'s key.
-    pub fn set_state(&self, kek: &[u8], state: KeyState) {
-        if let Some(entry) = self.deks().get_mut(kek) {
+    pub fn set_state<'k>(&self, kek: impl Into<KekId<'k>>, state: KeyState) {
+        if let Some(entry) = find(&mut self.deks(), kek.into()) {
             entry.state = state;
             entry.state_read = now();
         }
     }
 
-    fn remember(
+    fn remember<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         name: String,
         fetched: f64,
         dek: Zeroizing<Vec<u8>>,
         timeout: f64,
         state: KeyState,
     ) {
+        let kek = kek.into();
         let mut deks = self.deks();
-        if deks.len() >= self.max_cached && !deks.contains_key(kek) {
+        if let Some(old) = find(&mut deks, kek) {
+            // Unwrapped again (its cache entry had expired): refresh it.
+            old.name = name;
+            old.fetched = fetched;
+            old.dek = dek;
+            old.cipher = None;
+            old.v2 = None;
+            old.state = state;
+            old.state_read = fetched;
+            return;
+        }
+        if deks.len() >= self.max_cached {
             evict(&mut deks, self.max_cached, fetched - timeout);
         }
-        deks.insert(
-            kek.into(),
+        deks.insert_unique(
+            kek.hash,
             CachedDek {
+                kek: kek.bytes.into(),
+                kek_hash: kek.hash,
                 name,
                 fetched,
                 dek,
@@ -310,19 +366,20 @@ impl Facility {
                 state,
                 state_read: fetched,
             },
+            |e| e.kek_hash,
         );
     }
 
     /// The data cipher for `kek` under `salt` if its DEK is cached and fresh:
     /// derived once per cached DEK, so a hit costs a hash lookup.
-    pub fn cached_cipher(
+    pub fn cached_cipher<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         timeout: f64,
         salt: &[u8],
         state_age: f64,
     ) -> KmiResult<Option<(Arc<DataCipher>, StateCheck)>> {
-        self.fresh(kek, timeout, state_age, |entry| {
+        self.fresh(kek.into(), timeout, state_age, |entry| {
             if let Some((s, c)) = &entry.cipher {
                 if s == salt {
                     return Ok(c.clone());
@@ -335,14 +392,14 @@ impl Facility {
     }
 
     /// The data cipher for a DEK just unwrapped for `kek`, remembered beside it.
-    pub fn remember_cipher(
+    pub fn remember_cipher<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         dek: &[u8],
         salt: &[u8],
     ) -> KmiResult<Arc<DataCipher>> {
         let cipher = Arc::new(DataCipher::new(&*derive_cipher_key(dek, salt)?));
-        if let Some(entry) = self.deks().get_mut(kek) {
+        if let Some(entry) = find(&mut self.deks(), kek.into()) {
             entry.cipher = Some((salt.to_vec(), cipher.clone()));
         }
         Ok(cipher)
@@ -350,13 +407,13 @@ impl Facility {
 
     /// The v2 keys for `kek` if its DEK is cached and fresh: derived once
     /// per cached DEK.
-    pub fn cached_v2(
+    pub fn cached_v2<'k>(
         &self,
-        kek: &[u8],
+        kek: impl Into<KekId<'k>>,
         timeout: f64,
         state_age: f64,
     ) -> Option<(Arc<V2Key>, StateCheck)> {
-        self.fresh(kek, timeout, state_age, |entry| {
+        self.fresh(kek.into(), timeout, state_age, |entry| {
             let dek = &entry.dek;
             Ok(entry
                 .v2
@@ -369,7 +426,7 @@ impl Facility {
     /// A snapshot of the DEK cache: (md5 name, fetch time, DEK).
     pub fn cached_deks(&self) -> Vec<(String, f64, Zeroizing<Vec<u8>>)> {
         self.deks()
-            .values()
+            .iter()
             .map(|e| (e.name.clone(), e.fetched, e.dek.clone()))
             .collect()
     }
@@ -378,7 +435,7 @@ impl Facility {
     pub fn forget(&self, name: Option<&str>) -> usize {
         let mut deks = self.deks();
         let before = deks.len();
-        deks.retain(|_, e| name.is_some_and(|n| n != e.name));
+        deks.retain(|e| name.is_some_and(|n| n != e.name));
         before - deks.len()
     }
 }
@@ -386,19 +443,15 @@ impl Facility {
 /// Make room in a full cache: drop the entries fetched before `expired_before`,
 /// and if that frees nothing, the older half. The dropped DEKs and cipher keys
 /// are zeroized as they go.
-fn evict<S: std::hash::BuildHasher>(
-    deks: &mut HashMap<Box<[u8]>, CachedDek, S>,
-    max: usize,
-    expired_before: f64,
-) {
-    deks.retain(|_, e| e.fetched > expired_before);
+fn evict(deks: &mut DekMap, max: usize, expired_before: f64) {
+    deks.retain(|e| e.fetched > expired_before);
     if deks.len() < max {
         return;
     }
-    let mut times: Vec<f64> = deks.values().map(|e| e.fetched).collect();
+    let mut times: Vec<f64> = deks.iter().map(|e| e.fetched).collect();
     times.sort_by(|a, b| a.total_cmp(b));
     let cutoff = times[(max / 2).min(times.len() - 1)];
-    deks.retain(|_, e| e.fetched > cutoff);
+    deks.retain(|e| e.fetched > cutoff);
 }
 
 #[cfg(test)]
@@ -521,7 +574,7 @@ mod tests {
             );
             assert!(f.deks().len() <= 4);
         }
-        assert!(f.deks().contains_key(&[19u8][..]));
+        assert!(find(&mut f.deks(), KekId::from(&[19u8])).is_some());
         // Expired entries go first: a short timeout frees everything older.
         let g = Facility::new(2);
         let active = KeyState::Active;

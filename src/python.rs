@@ -13,7 +13,7 @@ use zeroize::Zeroizing;
 
 use crate::cipher::{derive_cipher_key, DataCipher, FILE_HEADER};
 use crate::errors::KmiError;
-use crate::facility::{self, DekPolicy, KeyState};
+use crate::facility::{self, DekPolicy, KekId, KeyState};
 use crate::files::{decrypt_file_at, encrypt_file_at, open_file_at, seal_file_at, Moved};
 use crate::v2::{self, V2Key};
 
@@ -578,6 +578,19 @@ struct Facility {
     state_refresh: f64,
 }
 
+/// The DEK cache's handle on a KEK: its bytes and Python's hash of them,
+/// which a `bytes` object computes once and keeps (so warm calls with the
+/// same object do not hash its ~1.7 KB again).
+fn kek_id<'a>(kek: &Bound<'_, PyAny>, bytes: &'a [u8]) -> PyResult<KekId<'a>> {
+    let hash = if kek.is_exact_instance_of::<PyBytes>() {
+        kek.hash()?
+    } else {
+        // bytearray, memoryview: hashed as the bytes object they equal.
+        PyBytes::new(kek.py(), bytes).hash()?
+    };
+    Ok(KekId::hashed(bytes, hash as u64))
+}
+
 /// A use its key's state does not allow: the owner's exception, or `Ok`
 /// when the owner makes an exception (`_refuse` returns None: a re-encryption
 /// told to read a compromised key).
@@ -644,7 +657,7 @@ impl Facility {
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
-        kek: &[u8],
+        kek: KekId<'_>,
         timeout: f64,
         encrypting: bool,
     ) -> PyResult<(Zeroizing<Vec<u8>>, KeyState)> {
@@ -653,7 +666,7 @@ impl Facility {
             return Ok((dek, state));
         }
         // The stored DEK comes first: an unknown KEK is a KeyError without parsing it.
-        let name = facility::kek_name(kek);
+        let name = facility::kek_name(kek.bytes);
         let fetched = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
         let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
         let state = KeyState::parse(&state)?;
@@ -677,7 +690,7 @@ impl Facility {
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
-        kek: &[u8],
+        kek: KekId<'_>,
         check: facility::StateCheck,
         encrypting: bool,
     ) -> PyResult<KeyState> {
@@ -693,7 +706,7 @@ impl Facility {
             }
         };
         if !state.allows(encrypting) {
-            refusal(owner, &facility::kek_name(kek), state, encrypting)?;
+            refusal(owner, &facility::kek_name(kek.bytes), state, encrypting)?;
         }
         Ok(state)
     }
@@ -702,7 +715,7 @@ impl Facility {
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
-        kek: &[u8],
+        kek: KekId<'_>,
         encrypting: bool,
     ) -> PyResult<std::sync::Arc<V2Key>> {
         let timeout = owner_timeout(owner)?;
@@ -724,7 +737,7 @@ impl Facility {
         &self,
         py: Python<'_>,
         owner: &Bound<'_, PyAny>,
-        kek: &[u8],
+        kek: KekId<'_>,
         encrypting: bool,
     ) -> PyResult<(std::sync::Arc<DataCipher>, Vec<u8>)> {
         let timeout = owner_timeout(owner)?;
@@ -808,7 +821,9 @@ impl Facility {
         kek: &Bound<'py, PyAny>,
     ) -> PyResult<Bound<'py, PyBytes>> {
         let timeout = owner_timeout(owner)?;
-        let (dek, _) = self.dek_or_fetch(py, owner, &bytes_like(kek, "key")?, timeout, false)?;
+        let bytes = bytes_like(kek, "key")?;
+        let id = kek_id(kek, &bytes)?;
+        let (dek, _) = self.dek_or_fetch(py, owner, id, timeout, false)?;
         Ok(PyBytes::new(py, &dek))
     }
 
@@ -820,22 +835,23 @@ impl Facility {
         owner: &Bound<'py, PyAny>,
         kek: &Bound<'py, PyAny>,
     ) -> PyResult<(Bound<'py, PyBytes>, &'static str, String, String)> {
-        let kek = bytes_like(kek, "key")?;
+        let bytes = bytes_like(kek, "key")?;
+        let kek = kek_id(kek, &bytes)?;
         let timeout = owner_timeout(owner)?;
         if let Some(((dek, v2, name), check)) =
-            self.inner.cached_serving(&kek, timeout, self.state_refresh)
+            self.inner.cached_serving(kek, timeout, self.state_refresh)
         {
-            let state = self.check_state(py, owner, &kek, check, false)?;
+            let state = self.check_state(py, owner, kek, check, false)?;
             let kid = hex::encode(v2.kid());
             return Ok((PyBytes::new(py, &dek), state.as_str(), kid, name));
         }
-        let (dek, state) = self.dek_or_fetch(py, owner, &kek, timeout, false)?;
+        let (dek, state) = self.dek_or_fetch(py, owner, kek, timeout, false)?;
         let kid = hex::encode(V2Key::new(&dek).kid());
         Ok((
             PyBytes::new(py, &dek),
             state.as_str(),
             kid,
-            facility::kek_name(&kek),
+            facility::kek_name(kek.bytes),
         ))
     }
 
@@ -850,11 +866,12 @@ impl Facility {
         data: &Bound<'py, PyAny>,
         associated_data: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let kek = bytes_like(kek, "key")?;
+        let bytes = bytes_like(kek, "key")?;
+        let kek = kek_id(kek, &bytes)?;
         let format = owner.getattr(intern!(py, "dataFormat"))?;
         match format.extract::<i64>() {
             Ok(2) => {
-                let key = self.v2_key(py, owner, &kek, true)?;
+                let key = self.v2_key(py, owner, kek, true)?;
                 let data = bytes_like(data, "data")?;
                 return seal_bytes(py, &key, &v2::fresh_salt()?, &data, associated_data);
             }
@@ -868,7 +885,7 @@ impl Facility {
             }
         }
         refuse_legacy_with(associated_data)?;
-        let (cipher, iv) = self.cipher(py, owner, &kek, true)?;
+        let (cipher, iv) = self.cipher(py, owner, kek, true)?;
         encrypt_bytes(py, &cipher, &iv, &bytes_like(data, "data")?)
     }
 
@@ -883,10 +900,11 @@ impl Facility {
         data: &Bound<'py, PyAny>,
         associated_data: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyBytes>> {
-        let kek = bytes_like(kek, "key")?;
+        let bytes = bytes_like(kek, "key")?;
+        let kek = kek_id(kek, &bytes)?;
         let data = bytes_like(data, "data")?;
         if v2::is_v2(&data) {
-            let key = self.v2_key(py, owner, &kek, false)?;
+            let key = self.v2_key(py, owner, kek, false)?;
             return open_bytes(py, &key, &data, associated_data);
         }
         refuse_legacy_with(associated_data)?;
@@ -896,7 +914,7 @@ impl Facility {
             )
             .into());
         }
-        let (cipher, iv) = self.cipher(py, owner, &kek, false)?;
+        let (cipher, iv) = self.cipher(py, owner, kek, false)?;
         decrypt_bytes(py, &cipher, &iv, &data)
     }
 
@@ -909,7 +927,8 @@ impl Facility {
         kek: &Bound<'_, PyAny>,
         encrypting: bool,
     ) -> PyResult<PyV2Key> {
-        let inner = self.v2_key(py, owner, &bytes_like(kek, "key")?, encrypting)?;
+        let bytes = bytes_like(kek, "key")?;
+        let inner = self.v2_key(py, owner, kek_id(kek, &bytes)?, encrypting)?;
         Ok(PyV2Key { inner })
     }
 
