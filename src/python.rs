@@ -649,6 +649,42 @@ fn owner_passphrase(owner: &Bound<'_, PyAny>) -> PyResult<Vec<u8>> {
     Ok(bytes_like(&value, "rsaPassphrase")?.into_owned())
 }
 
+/// A stored key, fetched by name through the owner (`_fetch`): its wrapped
+/// DEK and state, with the owner's settings for unwrapping it.
+struct Stored {
+    wrapped: Vec<u8>,
+    state: KeyState,
+    passphrase: Zeroizing<Vec<u8>>,
+    dek_length: usize,
+}
+
+impl Stored {
+    /// Refused (the owner's exception) unless the key's state allows the use.
+    fn fetch(owner: &Bound<'_, PyAny>, name: &str, encrypting: bool) -> PyResult<Stored> {
+        let py = owner.py();
+        let fetched = owner.call_method1(intern!(py, "_fetch"), (name,))?;
+        let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
+        let state = KeyState::parse(&state)?;
+        if !state.allows(encrypting) {
+            refusal(owner, name, state, encrypting)?;
+        }
+        Ok(Stored {
+            wrapped: bytes_like(&wrapped, "wrapped DEK")?.into_owned(),
+            state,
+            passphrase: Zeroizing::new(owner_passphrase(owner)?),
+            dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
+        })
+    }
+
+    fn policy(&self, timeout: f64) -> DekPolicy<'_> {
+        DekPolicy {
+            timeout,
+            passphrase: &self.passphrase,
+            dek_length: self.dek_length,
+        }
+    }
+}
+
 impl Facility {
     /// The DEK for `kek`: cached, or fetched by name through the owner and
     /// unwrapped (GIL released); refused unless the key's state allows it
@@ -667,20 +703,13 @@ impl Facility {
         }
         // The stored DEK comes first: an unknown KEK is a KeyError without parsing it.
         let name = facility::kek_name(kek.bytes);
-        let fetched = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
-        let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
-        let state = KeyState::parse(&state)?;
-        if !state.allows(encrypting) {
-            refusal(owner, &name, state, encrypting)?;
-        }
-        let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
-        let passphrase = owner_passphrase(owner)?;
-        let policy = DekPolicy {
-            timeout,
-            passphrase: &passphrase,
-            dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
-        };
-        let dek = py.detach(|| self.inner.unwrap(kek, &name, &wrapped, &policy, state))?;
+        let stored = Stored::fetch(owner, &name, encrypting)?;
+        let policy = stored.policy(timeout);
+        let state = stored.state;
+        let dek = py.detach(|| {
+            self.inner
+                .unwrap(kek, &name, &stored.wrapped, &policy, state)
+        })?;
         Ok((dek, state))
     }
 
@@ -792,23 +821,12 @@ impl Facility {
     ) -> PyResult<NewKey<'py>> {
         let old_kek = bytes_like(old_kek, "key")?;
         let name = facility::kek_name(&old_kek);
-        let fetched = owner.call_method1(intern!(py, "_fetch"), (&name,))?;
-        let (wrapped, state): (Bound<'_, PyAny>, String) = fetched.extract()?;
-        let state = KeyState::parse(&state)?;
-        if !state.allows(false) {
-            refusal(owner, &name, state, false)?;
-        }
-        let wrapped = bytes_like(&wrapped, "wrapped DEK")?;
-        let passphrase = owner_passphrase(owner)?;
-        let policy = DekPolicy {
-            timeout: 0.0,
-            passphrase: &passphrase,
-            dek_length: owner.getattr(intern!(py, "keyLength"))?.extract()?,
-        };
+        let stored = Stored::fetch(owner, &name, false)?;
+        let policy = stored.policy(0.0);
         let exponent: u64 = owner.getattr(intern!(py, "rsaKeyExponent"))?.extract()?;
         let new = py.detach(|| {
             self.inner
-                .rewrap(&old_kek, &name, &wrapped, &policy, exponent)
+                .rewrap(&old_kek, &name, &stored.wrapped, &policy, exponent)
         })?;
         Ok(new_key(py, new))
     }
