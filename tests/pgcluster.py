@@ -13,10 +13,12 @@ import os
 import pwd
 import re
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
+
+from support import free_port
+from support import openssl
 
 CALL_TIMEOUT = 120
 
@@ -55,17 +57,6 @@ def missing_reason():
         if shutil.which('runuser') is None:
             return 'running as root and runuser is missing'
     return None
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def openssl(*args, cwd):
-    subprocess.run(['openssl', *args], cwd=cwd, check=True, capture_output=True,
-                   timeout=CALL_TIMEOUT)
 
 
 def make_ca(folder, name='ca', subject='/CN=keas.kmi test database CA'):

@@ -127,7 +127,7 @@ def kmi():
     import keas.kmi.interfaces
     import keas.kmi.persistent
     import keas.kmi.testing
-    import zodbmodel
+    import zodbmodel  # noqa: F401 (the reference must import it too)
     assert str(REPO) in keas.kmi.facility.__file__, keas.kmi.facility.__file__
     return keas.kmi
 

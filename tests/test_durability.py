@@ -2,7 +2,6 @@
 and absurd KEKs fail fast with ValueError."""
 import base64
 import hashlib
-import os
 import random
 import signal
 import subprocess

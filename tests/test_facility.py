@@ -330,7 +330,6 @@ def test_file_round_trip(keyring, size, chunksize):
 def test_file_output_does_not_depend_on_reads(keyring, monkeypatch):
     kmf, keks = keyring
     data = os.urandom(5000)
-    iv = b'\x01' * 16
     outputs = set()
     for reader in (io.BytesIO(data), TrickleReader(data)):
         for chunksize in (16, 1024, 24 * 1024):

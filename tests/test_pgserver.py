@@ -6,12 +6,10 @@ separate machines would be. The database is a real PostgreSQL server
 (tests/pgcluster.py), stopped and started under load.
 """
 import concurrent.futures
-import hashlib
 import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -22,6 +20,9 @@ import pytest
 
 from keas.kmi.facility import KeyManagementFacility
 from keas.kmi.store import open_store
+from support import free_port
+from support import LOGGING_INI
+from support import md5hex
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60
@@ -43,42 +44,7 @@ port = {port}
 workers = {workers}
 blocking_threads = 16
 
-[loggers]
-keys = root, kmi
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = WARNING
-handlers = console
-
-[logger_kmi]
-level = INFO
-handlers =
-qualname = kmi
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-formatter = generic
-
-[formatter_generic]
-format = %(process)d %(levelname)s [%(name)s] %(message)s
-"""
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
+""" + LOGGING_INI
 
 
 class KMS:

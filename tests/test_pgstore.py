@@ -5,7 +5,6 @@ The mapping tests run on both stores. The PostgreSQL ones use a real server
 timeouts, a restart, TLS with a test CA, libpq's environment, and the
 least-privilege roles of the README, run as the README gives them.
 """
-import hashlib
 import os
 import re
 import socket
@@ -19,12 +18,10 @@ import pytest
 from keas.kmi import _kmi
 from keas.kmi.facility import KeyManagementFacility
 from keas.kmi.store import KeyExistsError, StoreUnavailable, open_store
+from support import free_port
+from support import md5hex
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
 
 
 def pg():
@@ -374,12 +371,6 @@ def test_stores_of_one_process_share_a_pool(pg_url):
 
 
 # PostgreSQL: faults -----------------------------------------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_unreachable_database_is_one_clear_error():

@@ -4,7 +4,6 @@ import hashlib
 import os
 import io
 
-import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from keas.kmi import _kmi, testing

@@ -1,6 +1,5 @@
 """The REST views (keas.kmi.rest) and the WSGI application around them (keas.kmi.wsgi)."""
 import errno
-import hashlib
 import io
 import logging
 import os
@@ -14,12 +13,9 @@ from webob import Request
 from keas.kmi import rest
 from keas.kmi import wsgi
 from keas.kmi.facility import KeyManagementFacility
+from support import md5hex
 
 CLIENT = '192.0.2.7'
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
 
 
 class StubFacility:

@@ -30,6 +30,7 @@ from keas.kmi.persistent import decrypt_state, encrypt_state
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from persistent_model import Secret  # noqa: E402
+from support import free_port
 
 KMI = [sys.executable, '-m', 'keas.kmi.cli']
 ENV = dict(os.environ, PYTHONPATH=str(HERE))
@@ -409,12 +410,6 @@ def test_the_migrator_retries_a_batch_another_client_changed(keys, tmp_path):
 
 
 # Through ZEO, while an application writes -----------------------------------
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -8,7 +8,6 @@ command, with LocalKeyManagementFacility and over raw TLS sockets. A test CA,
 made with the openssl command, signs the server and client certificates.
 """
 import concurrent.futures
-import hashlib
 import http.client
 import importlib.util
 import os
@@ -30,6 +29,10 @@ import pytest
 from keas.kmi import server as launcher
 from keas.kmi.facility import KeyManagementFacility
 from keas.kmi.facility import LocalKeyManagementFacility
+from support import free_port
+from support import LOGGING_INI
+from support import md5hex
+from support import openssl
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT = 60  # seconds for a server to answer its first request
@@ -49,47 +52,7 @@ APP_INI = """\
 use = egg:keas.kmi
 storage-dir = {storage}
 
-[loggers]
-keys = root, kmi
-
-[handlers]
-keys = console
-
-[formatters]
-keys = generic
-
-[logger_root]
-level = WARNING
-handlers = console
-
-[logger_kmi]
-level = INFO
-handlers =
-qualname = kmi
-
-[handler_console]
-class = StreamHandler
-args = (sys.stderr,)
-formatter = generic
-
-[formatter_generic]
-format = %(process)d %(levelname)s [%(name)s] %(message)s
-"""
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def openssl(*args, cwd):
-    subprocess.run(['openssl', *args], cwd=cwd, check=True, capture_output=True,
-                   timeout=CALL_TIMEOUT)
+""" + LOGGING_INI
 
 
 # Certificates -----------------------------------------------------------------

@@ -11,13 +11,11 @@ certificates and the key directory are the test's own.
 - slow and idle clients (slowloris): normal clients are still served, and
   the slow ones are closed after the header read timeout.
 """
-import hashlib
 import os
 import random
 import re
 import shutil
 import socket
-import ssl
 import subprocess
 import sys
 import threading
@@ -36,6 +34,7 @@ from test_server import signed_by_ca
 
 from keas.kmi import server as launcher
 from keas.kmi.facility import KeyManagementFacility
+from support import md5hex
 
 REPO = Path(__file__).resolve().parent.parent
 PEM_START = b'-----BEGIN RSA PRIVATE KEY-----'
@@ -44,10 +43,6 @@ DEK_SIZE = 128
 pytestmark = [
     pytest.mark.skipif(shutil.which('openssl') is None, reason='needs the openssl command'),
 ]
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
 
 
 def ini_settings():

@@ -2,7 +2,6 @@
 
 The command runs as a real process (the `kmi` console script's module).
 """
-import hashlib
 import os
 import re
 import subprocess
@@ -12,6 +11,7 @@ import pytest
 
 from keas.kmi.facility import KeyManagementFacility
 from keas.kmi.store import open_store
+from support import md5hex
 
 KMI = [sys.executable, '-m', 'keas.kmi.cli']
 
@@ -19,10 +19,6 @@ KMI = [sys.executable, '-m', 'keas.kmi.cli']
 def kmi(*args):
     return subprocess.run([*KMI, *args], capture_output=True, text=True, timeout=300,
                           stdin=subprocess.DEVNULL)
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
 
 
 @pytest.fixture(scope='module')

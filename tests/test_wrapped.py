@@ -9,7 +9,6 @@ command and the reference keas.kmi 3.3.0 (its client over HTTPS, and its
 facility reading a directory that wrapped-mode clients filled).
 """
 import base64
-import hashlib
 import http.client
 import os
 import re
@@ -28,6 +27,7 @@ from keas.kmi.audit import AuditError
 from keas.kmi.facility import (KeyManagementFacility, KeyServiceError,
                                LocalKeyManagementFacility, WrappedKeysUnsupported)
 from keas.kmi.store import StoreUnavailable
+from support import md5hex
 
 from test_server import (  # noqa: F401 (fixtures)
     CALL_TIMEOUT, Server, client_context, free_port, kms, launched, mtls_server, pki,
@@ -39,10 +39,6 @@ UNSUPPORTED = re.compile(r'^the key server at \S+ does not support wrapped keys 
                          r'\(keas\.kmi 4 needed\)$')
 REF_PYTHON = Path(os.environ.get('KMI_REFERENCE_PYTHON')
                   or Path.home() / '.cache' / 'keas.kmi' / 'reference-3.3.0' / 'bin' / 'python')
-
-
-def md5hex(data):
-    return hashlib.md5(data).hexdigest()
 
 
 def new_key(bits=2048):
