@@ -241,7 +241,7 @@ def test_schema_is_created_on_first_use(pg_cluster, pg_database, pg_url):
         "SELECT table_schema, table_name FROM information_schema.tables"
         " WHERE table_schema NOT IN ('pg_catalog', 'information_schema') ORDER BY 2",
         dbname=pg_database)
-    assert tables == [('kmi', 'audit'), ('kmi', 'audit_head'), ('kmi', 'keys'),
+    assert tables == [('kmi', 'audit'), ('kmi', 'keys'),
                       ('kmi', 'schema_version')]
     store.close()
 
@@ -306,6 +306,40 @@ def test_servers_starting_together_migrate_once(pg_cluster, pg_database, pg_url)
     assert pg_cluster.execute('SELECT version FROM kmi.schema_version ORDER BY 1',
                               dbname=pg_database) == [(1,), (2,)]
     assert len(open_store(pg_url)) == 6
+
+
+APPEND_AT = """
+import sys, threading, time
+from keas.kmi.store import open_store
+start = float(sys.argv[2])
+store = open_store(sys.argv[1])
+while time.time() < start:
+    time.sleep(0.001)
+def appends():
+    for i in range(100):
+        store.audit(event='fetch' if i % 5 else 'state', name=sys.argv[3], outcome='ok')
+threads = [threading.Thread(target=appends) for _ in range(3)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+"""
+
+
+def test_processes_and_threads_extend_one_audit_chain(pg_cluster, pg_database, pg_url):
+    open_store(pg_url).close()
+    start = time.time() + 3
+    procs = [subprocess.Popen([sys.executable, '-c', APPEND_AT, pg_url, str(start), 'p%d' % i],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, outs
+    store = open_store(pg_url)
+    count, _, broken = store.audit_log().verify()
+    assert broken is None and count == 1200
+    assert [e['seq'] for e in store.audit_log().tail(0)] == list(range(1, 1201))
+    assert sorted(set(e['name'] for e in store.audit_log().tail(0))) == ['p0', 'p1', 'p2', 'p3']
+    store.close()
 
 
 def test_a_version_1_schema_is_upgraded_and_keeps_its_keys(pg_cluster, pg_database,

@@ -279,19 +279,20 @@ class KeyManagementFacility(EncryptionService):
     def _fetch(self, name):
         """The wrapped DEK for a DEK that is not cached, and its key's state
         (Rust calls this)."""
-        try:
-            wrapped = self.store.get(name)
-        except KeyError:
-            if self.store.meta(name) is not None:  # its metadata outlived it
-                raise lifecycle.KeyStateError(name, lifecycle.DESTROYED, 'be used') from None
-            raise
+        wrapped, meta = self.store.fetch(name)
+        if wrapped is None:
+            if meta is not None:  # its metadata outlived it
+                raise lifecycle.KeyStateError(name, lifecycle.DESTROYED, 'be used')
+            raise KeyError(name)
         if not logged_by_server.get():
             logger.info('Encryption key requested: %s', name)
-        return wrapped, self._key_state(name)
+        return wrapped, self._state_of(name, meta)
 
     def _key_state(self, name):
         """The state of key ``name`` now (Rust asks again every ``stateRefresh``)."""
-        meta = self.store.meta(name)
+        return self._state_of(name, self.store.meta(name))
+
+    def _state_of(self, name, meta):
         if meta is None:
             return lifecycle.DESTROYED  # deleted since it was cached
         state = lifecycle.effective_state(meta, self.deactivateAfter)

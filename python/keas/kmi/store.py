@@ -103,6 +103,16 @@ class KeyStore:
         """The wrapped DEK stored under ``name``; ``KeyError`` if there is none."""
         raise NotImplementedError
 
+    def fetch(self, name):
+        """``(wrapped DEK or None, metadata or None)`` of key ``name``: what
+        a server needs for a key it has not cached, in one read where the
+        store can."""
+        try:
+            wrapped = self.get(name)
+        except KeyError:
+            wrapped = None
+        return wrapped, self.meta(name)
+
     def add(self, name, wrapped, meta=None, audit=None):
         """Store ``wrapped`` (and its ``meta``) under ``name`` durably before returning.
 
