@@ -102,7 +102,27 @@ MIGRATIONS = (
         RETURN QUERY SELECT last_seq + 1, new_hash;
     END
     $$;
-    REVOKE ALL ON FUNCTION {schema}.audit_append(text, boolean) FROM PUBLIC
+    REVOKE ALL ON FUNCTION {schema}.audit_append(text, boolean) FROM PUBLIC;
+    -- Keys are written once, whoever writes: a row may change its state and
+    -- lose its wrapped DEK (destroyed), never get other bytes, another name,
+    -- kid or KEK fingerprint, so that a server role may be granted UPDATE.
+    CREATE FUNCTION {schema}.keys_written_once() RETURNS trigger
+        LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+    BEGIN
+        IF NEW.name IS DISTINCT FROM OLD.name
+                OR NEW.created IS DISTINCT FROM OLD.created
+                OR (NEW.wrapped IS NOT NULL AND NEW.wrapped IS DISTINCT FROM OLD.wrapped)
+                OR (OLD.kid IS NOT NULL AND NEW.kid IS DISTINCT FROM OLD.kid)
+                OR (OLD.kek_fingerprint IS NOT NULL
+                    AND NEW.kek_fingerprint IS DISTINCT FROM OLD.kek_fingerprint) THEN
+            RAISE EXCEPTION 'key % is written once: only its state may change', OLD.name
+                USING ERRCODE = 'insufficient_privilege';
+        END IF;
+        RETURN NEW;
+    END
+    $$;
+    CREATE TRIGGER keys_written_once BEFORE UPDATE ON {schema}.keys
+        FOR EACH ROW EXECUTE FUNCTION {schema}.keys_written_once()
     """,
 )
 
