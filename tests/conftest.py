@@ -1,5 +1,7 @@
 """Fixtures shared by the test modules: key stores, facilities, a component registry."""
+import os
 import pathlib
+import tempfile
 from importlib.metadata import version
 
 import pytest
@@ -14,6 +16,10 @@ ZODB_VERSION = tuple(int(p) for p in version('ZODB').split('.')[:2])
 # ZODB 6.4 changed how __setstate__ errors surface: test_zodb64.py runs in a
 # second environment with 6.4 (see the Makefile), everything else on 6.3.
 collect_ignore = ['test_zodb64.py'] if ZODB_VERSION < (6, 4) else []
+
+# The default audit spool of PostgreSQL stores (keas.kmi.auditspool) and any
+# other state the tests' processes keep: in a directory of the run's own.
+os.environ['XDG_STATE_HOME'] = tempfile.mkdtemp(prefix='kmi-test-state-')
 
 
 @pytest.fixture

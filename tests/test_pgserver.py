@@ -341,9 +341,17 @@ def test_application_settings_for_a_database(pg_url):
     assert info.value.code == wsgi.EXIT_STORE_FAILED
 
 
-def test_application_answers_503_while_the_database_is_down(pg_cluster, pg_url):
+def fetches_logged(pg_url, name):
+    log = KeyManagementFacility(pg_url).store.audit_log()
+    return [e for e in log.tail(0) if e['event'] == 'fetch' and e['name'] == name
+            and e['outcome'] == 'ok']
+
+
+def test_application_answers_503_while_the_database_is_down(pg_cluster, pg_url, tmp_path):
     from keas.kmi import wsgi
-    app = wsgi.application_factory({}, **{'storage-dir': pg_url})
+    from keas.kmi.auditspool import AuditSpool
+    app = wsgi.application_factory({}, **{'storage-dir': pg_url,
+                                          'audit-spool': str(tmp_path / 'spool')})
     unaudited = wsgi.application_factory({}, **{'storage-dir': pg_url, 'audit': 'off'})
     status, _, kek = call(app, 'POST', '/new')
     assert status == 200
@@ -351,17 +359,30 @@ def test_application_answers_503_while_the_database_is_down(pg_cluster, pg_url):
     assert call(unaudited, 'POST', '/key', kek)[2] == cached_dek
     other = KeyManagementFacility(pg_url).generate()  # never read through `app`
     pg_cluster.stop('fast')
+    stopped = time.monotonic()
+    served = 0
     try:
+        # Without the audit log, the cache answers (until it would read the
+        # key's state again, stateRefresh after it last did).
+        assert call(unaudited, 'POST', '/key', kek)[:3:2] == (200, cached_dek)
         for method, path, body in (('GET', '/', b''), ('POST', '/new', b''),
-                                   ('POST', '/key', other),
-                                   # Fail closed: a fetch that cannot be audited
-                                   # is refused, cached or not.
-                                   ('POST', '/key', kek)):
+                                   ('POST', '/key', other)):
             status, headers, data = call(app, method, path, body)
             assert (status, data) == (503, UNAVAILABLE), (method, path)
             assert headers['Retry-After'] == wsgi.RETRY_AFTER
-        # Without the audit log, the cache answers.
-        assert call(unaudited, 'POST', '/key', kek)[:3:2] == (200, cached_dek)
+        # Fail closed: a cached DEK is sent while its fetch's entry waits in
+        # the spool, and refused once entries have waited MAX_LAG seconds
+        # for the database (or the key's state is due to be read again).
+        while True:
+            status, headers, data = call(app, 'POST', '/key', kek)
+            if status != 200:
+                break
+            assert data == cached_dek
+            served += 1
+            assert time.monotonic() - stopped < AuditSpool.MAX_LAG + 2
+            time.sleep(0.02)
+        assert (status, data) == (503, UNAVAILABLE)
+        assert headers['Retry-After'] == wsgi.RETRY_AFTER
     finally:
         pg_cluster.start()
     deadline = time.monotonic() + 30
@@ -369,3 +390,7 @@ def test_application_answers_503_while_the_database_is_down(pg_cluster, pg_url):
         time.sleep(0.1)
     status, _, dek = call(app, 'POST', '/key', other)
     assert status == 200 and dek == KeyManagementFacility(pg_url).getEncryptionKey(other)
+    # Nothing the server sent went unlogged: the fetches it answered during
+    # the outage reached the table once the database was back.
+    app.facility.store.flush_audit()
+    assert served >= 1 and len(fetches_logged(pg_url, md5hex(kek))) == 1 + served

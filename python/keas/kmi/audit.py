@@ -137,6 +137,7 @@ class FileAuditLog:
         self._file = _kmi.AuditFile(path)
         self._flusher = None
         _OPEN_LOGS.add(self)
+        at_process_exit(_flush_all)
 
     def append(self, sync=None, **fields):
         """Write one entry; fsync it now if ``sync`` (default: for key changes)."""
@@ -183,6 +184,21 @@ class FileAuditLog:
 _OPEN_LOGS = weakref.WeakSet()
 
 
+_exit_hooks = set()  # (pid, function) registered with multiprocessing
+
+
+def at_process_exit(function):
+    """Run ``function`` when this process ends, also where ``atexit`` does
+    not: a worker process that ``multiprocessing`` forked (granian's server
+    workers) leaves through ``os._exit``, after multiprocessing's own exit
+    finalizers, which forget the parent's at the fork."""
+    key = (os.getpid(), function)
+    if key not in _exit_hooks:
+        _exit_hooks.add(key)
+        import multiprocessing.util
+        multiprocessing.util.Finalize(None, function, exitpriority=100)
+
+
 def _flush_loop(ref):
     """fsync a log's appended entries at least once a second, for as long
     as the log is alive."""
@@ -208,6 +224,7 @@ def _after_fork_in_child():
     for log in list(_OPEN_LOGS):
         log._file = _kmi.AuditFile(log.path)
         log._flusher = None
+        at_process_exit(_flush_all)
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -103,6 +103,54 @@ MIGRATIONS = (
     END
     $$;
     REVOKE ALL ON FUNCTION {schema}.audit_append(text, boolean) FROM PUBLIC;
+    -- The fetch entries of a server's spool (keas.kmi.auditspool): the lines
+    -- of one spool file appended in one go, unless that spool was shipped
+    -- before; `done` names spools shipped and deleted since, to forget.
+    CREATE TABLE {schema}.audit_spool (
+        id text PRIMARY KEY,
+        shipped timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE FUNCTION {schema}.audit_ship(spool text, lines text, done text[])
+        RETURNS bigint
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE
+        entries text[];
+        prevs text[];
+        hashes text[];
+        last_seq bigint;
+        h text;
+    BEGIN
+        DELETE FROM {schema}.audit_spool a WHERE a.id = ANY (done);
+        INSERT INTO {schema}.audit_spool (id) VALUES (spool) ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 0;
+        END IF;
+        entries := string_to_array(rtrim(lines, E'\n'), E'\n');
+        IF coalesce(cardinality(entries), 0) = 0 THEN
+            RETURN 0;
+        END IF;
+        PERFORM pg_advisory_xact_lock({audit_lock});
+        SELECT a.seq, a.hash INTO last_seq, h
+            FROM {schema}.audit a ORDER BY a.seq DESC LIMIT 1;
+        IF NOT FOUND THEN
+            last_seq := 0;
+            h := repeat('0', 64);
+        END IF;
+        prevs := array_fill(NULL::text, ARRAY[cardinality(entries)]);
+        hashes := prevs;
+        FOR i IN 1 .. cardinality(entries) LOOP
+            prevs[i] := h;
+            h := encode(sha256(convert_to(
+                h || E'\n' || (last_seq + i)::text || E'\n' || entries[i], 'UTF8')), 'hex');
+            hashes[i] := h;
+        END LOOP;
+        INSERT INTO {schema}.audit
+            SELECT last_seq + u.n, u.p, u.x, u.f
+            FROM unnest(prevs, hashes, entries) WITH ORDINALITY AS u (p, x, f, n);
+        RETURN cardinality(entries);
+    END
+    $$;
+    REVOKE ALL ON FUNCTION {schema}.audit_ship(text, text, text[]) FROM PUBLIC;
     -- Keys are written once, whoever writes: a row may change its state and
     -- lose its wrapped DEK (destroyed), never get other bytes, another name,
     -- kid or KEK fingerprint, so that a server role may be granted UPDATE.
@@ -134,6 +182,7 @@ DEFAULTS = {
     'pool_max_size': 10,
     'pool_timeout': 5.0,
     'statement_timeout': 5.0,
+    'audit_spool': '',
 }
 # libpq parameters we set when neither the URL nor the environment does.
 LIBPQ_DEFAULTS = {
@@ -189,6 +238,16 @@ class Settings:
         self.pool_timeout = _positive('pool_timeout', values['pool_timeout'], float)
         self.statement_timeout = _positive(
             'statement_timeout', values['statement_timeout'], float)
+        # Where fetch entries wait for the database (keas.kmi.auditspool);
+        # None: each one is a round trip to it before its answer.
+        spool = values['audit_spool']
+        if not isinstance(spool, str):
+            raise ValueError('keas.kmi: audit_spool must be a directory or "off", not %r'
+                             % (spool,))
+        from keas.kmi.auditspool import default_directory
+        self.audit_spool = (None if spool.strip().lower() == 'off'
+                            else os.path.abspath(spool) if spool.strip()
+                            else default_directory())
         # The URL as given, less our settings (urlunsplit would turn
         # postgresql:///db, libpq's "local socket", into postgresql:/db).
         libpq_url = url.split('?', 1)[0]
@@ -226,7 +285,8 @@ class Settings:
     def key(self):
         """What makes two stores share a pool (in one process)."""
         return (os.getpid(), self.conninfo, self.schema, self.pool_min_size,
-                self.pool_max_size, self.pool_timeout, self.statement_timeout)
+                self.pool_max_size, self.pool_timeout, self.statement_timeout,
+                self.audit_spool)
 
 
 def _lock_id(schema, purpose='schema'):
@@ -257,6 +317,7 @@ def _statements(schema):
         'erase': 'UPDATE {s}.keys SET wrapped = NULL, state = %s, transitions = %s, '
                  'details = %s WHERE name = %s',
         'audit': 'SELECT seq, hash FROM {s}.audit_append(%s, %s)',
+        'audit_ship': 'SELECT {s}.audit_ship(%s, %s, %s)',
         # The two a server runs per request, prepared on each pooled
         # connection (PREPARED) for _exec, with libpq's placeholders.
         'fetch_libpq': "SELECT wrapped, state, to_char(created AT TIME ZONE 'UTC', "
@@ -417,6 +478,47 @@ class _Database:
         finally:
             conn.close()
         self.pool = self._new_pool()
+        self._spool = None
+        self._spool_lock = threading.Lock()
+        if settings.audit_spool and self._orphans():
+            self.spool()  # what servers that stopped left is shipped now
+
+    # The audit spool (keas.kmi.auditspool), made on the first fetch entry.
+
+    def _spool_tag(self):
+        text = '%s\0%s' % (self.location, self.settings.schema)
+        return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+
+    def _orphans(self):
+        try:
+            return any(name.startswith(self._spool_tag() + '.')
+                       for name in os.listdir(self.settings.audit_spool))
+        except OSError:
+            return False
+
+    def spool(self):
+        if self._spool is None:
+            from keas.kmi.auditspool import AuditSpool
+            with self._spool_lock:
+                if self._spool is None:
+                    self._spool = AuditSpool(self.settings.audit_spool, self._spool_tag(),
+                                             self._ship_spool)
+        return self._spool
+
+    def _ship_spool(self, spool_id, lines, done):
+        self.run(lambda conn, q: conn.execute(q['audit_ship'], [spool_id, lines, done]))
+
+    def flush_spool(self):
+        """This process's fetch entries into the table (before a key change,
+        whose entry is committed with it, and before the table is read)."""
+        spool = self._spool
+        if spool is not None and spool.pending():
+            spool.ship()
+
+    def _close(self):
+        if self._spool is not None:
+            self._spool.close()
+        self.pool.close()
 
     def _connect(self):
         try:
@@ -481,7 +583,7 @@ class _Database:
                 return
             if self._registry.get(self.settings.key()) is self:
                 del self._registry[self.settings.key()]
-        self.pool.close()
+        self._close()
 
     def run(self, work):
         """``work(connection, statements)`` on a pooled connection. When the
@@ -533,7 +635,7 @@ class _Database:
             dbs = [db for key, db in cls._registry.items() if key[0] == os.getpid()]
             cls._registry.clear()
         for db in dbs:
-            db.pool.close()
+            db._close()
 
 
 atexit.register(_Database.close_all)
@@ -657,6 +759,9 @@ class PostgresStore(KeyStore):
             meta or implicit_metadata(name))
         created = (meta or {}).get('created')
 
+        if audit is not None:
+            self._db.flush_spool()
+
         def work(conn, q):
             # The INSERT and its audit entry are one transaction, committed
             # (synchronous_commit on) when it ends. Repeating it after a lost
@@ -682,6 +787,8 @@ class PostgresStore(KeyStore):
 
     def delete(self, name, audit=None):
         _check_name(name)
+        if audit is not None:
+            self._db.flush_spool()
 
         def work(conn, q):
             with conn.transaction():
@@ -718,6 +825,9 @@ class PostgresStore(KeyStore):
         return self._run(work)
 
     def _update(self, statement, params, name, audit):
+        if audit is not None:
+            self._db.flush_spool()
+
         def work(conn, q):
             with conn.transaction():
                 changed = conn.execute(q[statement], params).rowcount
@@ -751,6 +861,14 @@ class PostgresStore(KeyStore):
         from keas.kmi.audit import CHANGES, entry_fields
         durable = fields.get('event') in CHANGES if sync is None else sync
         text = entry_fields(fields)
+        if self._closed:
+            raise ValueError('the key store %s is closed' % self.location)
+        if self._db.pid != os.getpid():
+            self._db = _Database.acquire(self._settings)
+        if not durable and self._settings.audit_spool:
+            self._db.spool().append(text)
+            return None
+        self._db.flush_spool()
 
         def work(conn, q):
             rows = _exec(conn, PREPARED['audit_libpq'], [text.encode('utf-8'), b't' if durable else b'f'])
@@ -759,7 +877,11 @@ class PostgresStore(KeyStore):
             return {'seq': int(rows[0][0]), 'hash': rows[0][1]}
         return self._run(work)
 
+    def flush_audit(self):
+        self._db.flush_spool()
+
     def audit_log(self):
+        self.flush_audit()
         return _DatabaseAuditLog(self)
 
     def close(self):

@@ -151,6 +151,10 @@ class KeyStore:
         """Append an entry to the audit log (``AuditError`` if it cannot)."""
         raise NotImplementedError
 
+    def flush_audit(self):
+        """Put this process's audit entries where the log is read (a
+        database store spools fetches for a moment; a file has them at once)."""
+
     def audit_log(self):
         """The log, for ``verify()`` and ``tail(n)``."""
         raise NotImplementedError

@@ -354,7 +354,7 @@ def make_storage_dir(path):
 
 # [app:main] settings for a database store, by their keas.kmi.pgstore names.
 STORE_SETTINGS = ('schema', 'pool-min-size', 'pool-max-size', 'pool-timeout',
-                  'statement-timeout')
+                  'statement-timeout', 'audit-spool')
 
 
 def application_factory(global_config, **settings):

@@ -1,0 +1,142 @@
+"""The audit spool of a PostgreSQL store (keas.kmi.auditspool): fetch
+entries reach the table within a second and in order, a server killed
+before it shipped loses none and none is shipped twice, a spool that cannot
+be written refuses the request, and ``audit-spool = off`` goes straight to
+the table. (Outages of the database: tests/test_pgserver.py.)"""
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from keas.kmi.audit import AuditError
+from keas.kmi.auditspool import AuditSpool
+from keas.kmi.store import open_store
+from test_audit import full_tmpfs  # noqa: F401 (a fixture)
+
+
+@pytest.fixture
+def spool_dir(tmp_path):
+    return str(tmp_path / 'spool')
+
+
+def table_entries(pg_url):
+    store = open_store(pg_url, audit_spool='off')
+    try:
+        return store.audit_log().tail(0)
+    finally:
+        store.close()
+
+
+def test_fetch_entries_reach_the_table_within_a_second(pg_url, spool_dir):
+    store = open_store(pg_url, audit_spool=spool_dir)
+    for i in range(50):
+        store.audit(event='fetch', name='k%d' % i, outcome='ok')
+    assert len(os.listdir(spool_dir)) == 1  # written, locally, before any answer
+    deadline = time.monotonic() + AuditSpool.MAX_LAG
+    while len(table_entries(pg_url)) < 50 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    entries = table_entries(pg_url)
+    assert [e['name'] for e in entries] == ['k%d' % i for i in range(50)]
+    count, _, broken = store.audit_log().verify()
+    assert broken is None and count == 50
+    assert len(os.listdir(spool_dir)) == 1  # the next file, being written
+    store.close()
+    assert os.listdir(spool_dir) == []
+
+
+def test_a_key_change_follows_the_fetches_before_it(pg_url, spool_dir):
+    store = open_store(pg_url, audit_spool=spool_dir)
+    store.add('abc', b'x')
+    for _ in range(3):
+        store.audit(event='fetch', name='abc', outcome='ok')
+    meta = store.meta('abc')
+    store.set_meta('abc', dict(meta, state='suspended'),
+                   audit=dict(event='state', name='abc', outcome='ok'))
+    assert [e['event'] for e in table_entries(pg_url)] == ['fetch'] * 3 + ['state']
+    store.close()
+
+
+KILLED = """
+import os, signal, sys
+from keas.kmi import auditspool
+from keas.kmi.store import open_store
+auditspool.AuditSpool.INTERVAL = 3600  # nothing shipped on its own
+store = open_store(sys.argv[1], audit_spool=sys.argv[2])
+for i in range(20):
+    store.audit(event='fetch', name='k%d' % i, outcome='ok')
+if sys.argv[3] == 'after-commit':
+    # Killed between the shipment's commit and the removal of its file.
+    auditspool._remove = lambda path: os.kill(os.getpid(), signal.SIGKILL)
+    store.flush_audit()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+@pytest.mark.parametrize('when', ['before-shipping', 'after-commit'])
+def test_a_killed_server_loses_no_entry_and_none_is_shipped_twice(pg_url, spool_dir, when):
+    done = subprocess.run([sys.executable, '-c', KILLED, pg_url, spool_dir, when],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == -9, done.stderr
+    # Its file (after the shipment: the shipped one and the next, empty).
+    assert len(os.listdir(spool_dir)) == (2 if when == 'after-commit' else 1)
+    assert len(table_entries(pg_url)) == (20 if when == 'after-commit' else 0)
+    # The next server over the database and spool ships what it left, once.
+    store = open_store(pg_url, audit_spool=spool_dir)
+    store.audit(event='fetch', name='next', outcome='ok')
+    store.flush_audit()
+    assert [e['name'] for e in table_entries(pg_url)] == ['k%d' % i for i in range(20)] + [
+        'next']
+    store.close()
+    assert os.listdir(spool_dir) == []
+
+
+def test_a_spool_that_cannot_be_written_refuses_the_request(pg_url, full_tmpfs):  # noqa: F811
+    from keas.kmi import wsgi
+    from keas.kmi.facility import KeyManagementFacility
+    from test_pgserver import call
+    app = wsgi.application_factory({}, **{'storage-dir': pg_url,
+                                          'audit-spool': str(full_tmpfs / 'spool')})
+    status, _, kek = call(app, 'POST', '/new')
+    assert status == 200
+    assert call(app, 'POST', '/key', kek)[0] == 200
+    with open(full_tmpfs / 'filler', 'wb', buffering=0) as f:
+        for size in (65536, 4096, 1):
+            try:
+                while True:
+                    f.write(b'\0' * size)
+            except OSError:
+                pass
+    # The page the spool file is on holds a few more entries.
+    served, deadline = 0, time.monotonic() + 2
+    while True:
+        status, headers, body = call(app, 'POST', '/key', kek)
+        if status != 200 or time.monotonic() > deadline:
+            break
+        served += 1
+    assert status == 503 and headers['Retry-After'] == wsgi.RETRY_AFTER
+    # Nothing lost, nothing partial: every DEK sent is in the table, which verifies.
+    app.facility.store.flush_audit()
+    log = KeyManagementFacility(pg_url).store.audit_log()
+    count, _, broken = log.verify()
+    assert broken is None
+    assert [e['event'] for e in log.tail(0)] == ['generate'] + ['fetch'] * (1 + served)
+    assert len(log.tail(0)) == count
+
+
+def test_a_spool_directory_open_to_others_is_refused(pg_url, tmp_path):
+    shared = tmp_path / 'shared'
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    store = open_store(pg_url, audit_spool=str(shared))
+    with pytest.raises(AuditError, match='mode 0700'):
+        store.audit(event='fetch', name='k', outcome='ok')
+    store.close()
+
+
+def test_without_a_spool_each_entry_goes_to_the_table_at_once(pg_url):
+    store = open_store(pg_url, audit_spool='off')
+    store.audit(event='fetch', name='k', outcome='ok')
+    assert [e['name'] for e in table_entries(pg_url)] == ['k']
+    store.close()
