@@ -161,10 +161,10 @@ class AuditSpool:
                     lines = _complete_lines(path)
                     if lines:
                         self._ship(spool_id, lines, list(self._done))
+                        self._done = [spool_id]
                 except Exception as error:  # the database's, or the disk's
                     self._failure = one_line(error)
                     return False
-                self._done = [spool_id]
                 _remove(path)
                 os.close(fd)  # and with it the lock, once the file is gone
                 with self._lock:
