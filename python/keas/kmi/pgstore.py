@@ -486,7 +486,9 @@ class _Database:
     # The audit spool (keas.kmi.auditspool), made on the first fetch entry.
 
     def _spool_tag(self):
-        text = '%s\0%s' % (self.location, self.settings.schema)
+        """The database and schema, in the names of their spool files (the
+        connection string less our own settings; hashed: it may hold a password)."""
+        text = '%s\0%s' % (self.settings.conninfo, self.settings.schema)
         return hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
 
     def _orphans(self):
