@@ -8,7 +8,7 @@
 # Not part of CI. See docs/fuzzing.md.
 #
 # Environment:
-#   TARGETS="pem_import decrypt"   only these targets (default: all four)
+#   TARGETS="pem_import decrypt"   only these targets (default: all five)
 #   FUZZ_BUILD_FLAGS="..."         cargo fuzz build flags (default: -a, i.e.
 #                                  release + debug assertions and overflow checks)
 #   FUZZ_TIMEOUT=20                seconds one input may take before it counts as a hang

@@ -58,15 +58,23 @@ fuzz_target!(|data: &[u8]| {
     match whole {
         Ok(plain) => {
             assert!(message.len() >= HEADER_LEN + 16);
-            let salt = message[PREFIX_LEN..PREFIX_LEN + SALT_LEN].try_into().unwrap();
+            let salt = message[PREFIX_LEN..PREFIX_LEN + SALT_LEN]
+                .try_into()
+                .unwrap();
             let mut again = vec![0u8; message.len()];
             key.seal_into(salt, ad, &plain, &mut again).unwrap();
-            assert_eq!(again, message, "the message is not the sealing of its plaintext");
+            assert_eq!(
+                again, message,
+                "the message is not the sealing of its plaintext"
+            );
             stream.expect("the streaming opener refused what open accepted");
             assert_eq!(streamed, plain);
         }
         Err(KmiError::BadData(_)) => {
-            assert!(stream.is_err(), "the streaming opener accepted what open refused");
+            assert!(
+                stream.is_err(),
+                "the streaming opener accepted what open refused"
+            );
         }
         Err(other) => panic!("unexpected error {other:?}"),
     }
