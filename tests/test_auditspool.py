@@ -140,3 +140,26 @@ def test_without_a_spool_each_entry_goes_to_the_table_at_once(pg_url):
     store.audit(event='fetch', name='k', outcome='ok')
     assert [e['name'] for e in table_entries(pg_url)] == ['k']
     store.close()
+
+
+def test_a_failed_rotation_does_not_stop_the_spool(pg_url, spool_dir, monkeypatch):
+    # After a shipment takes the file being written, opening the next one
+    # fails once (a full disk): the next entry opens it, and nothing is
+    # shipped twice or left behind.
+    store = open_store(pg_url, audit_spool=spool_dir)
+    store.audit(event='fetch', name='a', outcome='ok')
+    spool = store._db.spool()
+    real_open, calls = AuditSpool._open, []
+
+    def open_once_failing(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError(28, 'No space left on device')
+        return real_open(self)
+    monkeypatch.setattr(AuditSpool, '_open', open_once_failing)
+    assert spool.ship()
+    store.audit(event='fetch', name='b', outcome='ok')
+    assert spool.ship()
+    assert [e['name'] for e in table_entries(pg_url)] == ['a', 'b']
+    store.close()
+    assert os.listdir(spool_dir) == []

@@ -11,9 +11,11 @@ the directory store's log costs. The spool keeps the audit log's rules
 - An entry is written (reaches the operating system) before its request is
   answered. A crash of the server loses none: the next server process over
   the same spool directory and database moves what it left into the table.
-- The spool is shipped, in order, every ``INTERVAL`` seconds, and each
-  shipment is committed durably: a power loss can lose up to the last
-  second of fetches, as the directory store's fsync policy allows.
+- The spool is shipped, in order, every ``INTERVAL`` seconds; each
+  shipment is committed without waiting for the WAL flush, which the
+  database's WAL writer makes within ``wal_writer_delay`` (200 ms): a power
+  loss can lose up to the last second of fetches, as the directory store's
+  fsync policy allows.
 - Fail closed: when the spool cannot be written, or an entry has waited
   ``MAX_LAG`` seconds without reaching the table (the database is down or
   does not answer), fetches are refused until it does.
@@ -150,7 +152,7 @@ class AuditSpool:
             with self._lock:
                 if self._count:
                     self._written.append((self._id, self._path, self._fd, self._first_at))
-                    self._fd = None
+                    self._fd, self._count, self._first_at = None, 0, None
                     try:
                         self._open()
                     except OSError:

@@ -120,6 +120,9 @@ MIGRATIONS = (
         last_seq bigint;
         h text;
     BEGIN
+        -- Committed without waiting for the WAL flush (the WAL writer's, within
+        -- wal_writer_delay): a slow disk must not hold fetches up.
+        PERFORM set_config('synchronous_commit', 'off', true);
         DELETE FROM {schema}.audit_spool a WHERE a.id = ANY (done);
         INSERT INTO {schema}.audit_spool (id) VALUES (spool) ON CONFLICT DO NOTHING;
         IF NOT FOUND THEN
