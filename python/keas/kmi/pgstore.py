@@ -675,9 +675,11 @@ def _exec(conn, name, params):
     runs the statement through psycopg's ``execute``, which raises the
     error as psycopg does (or succeeds).
 
-    For the statements of every request: measured on loopback, a round trip
-    through psycopg's non-blocking wait cost 137-184 us against 76 us for
-    libpq's own, which releases the GIL while it waits.
+    For the statements of a key not cached and of an audit entry without
+    a spool. Measured on loopback, one connection: the audit statement took
+    128 us and 24 us of this process's CPU this way, 137 us and 45 us
+    through ``conn.execute``; ``SELECT 1`` 63-67 against 72-87 us. libpq
+    releases the GIL while it waits.
     """
     result = conn.pgconn.exec_prepared(name, params)
     if result.status != pq.ExecStatus.TUPLES_OK:
