@@ -221,24 +221,19 @@ class AuditSpool:
             return
         self._closed = True
         self._wake.set()
-        if self._pid != os.getpid():
-            return self._forget_after_fork()
-        if not self.ship():
-            log.warning('audit spool %s: entries not yet in the database (%s); the next '
-                        'server over this database ships them', self.directory, self._failure)
-        with self._lock:
-            if self._fd is not None and self._count == 0:
-                _remove(self._path)  # the empty file that was next
-        for fd in [fd for _, _, fd, _ in self._written] + [self._fd]:
-            if fd is not None:
-                try:
-                    os.close(fd)
-                except OSError:
-                    pass
-        self._written, self._fd = [], None
+        if self._pid == os.getpid():
+            if not self.ship():
+                log.warning('audit spool %s: entries not yet in the database (%s); the '
+                            'next server over this database ships them', self.directory,
+                            self._failure)
+            with self._lock:
+                if self._fd is not None and self._count == 0:
+                    _remove(self._path)  # the empty file that was next
+        self._let_go()
 
-    def _forget_after_fork(self):
-        """In a forked child: the parent's files are not ours to write, nor
+    def _let_go(self):
+        """Close the files (and so give up their locks). In a forked child,
+        all there is to do: the parent's files are not ours to write, nor
         their locks ours to hold."""
         self._closed = True
         for fd in [fd for _, _, fd, _ in self._written] + [self._fd]:
@@ -306,7 +301,7 @@ def _close_all():
 
 def _after_fork_in_child():
     for spool in list(_SPOOLS):
-        spool._forget_after_fork()
+        spool._let_go()
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
