@@ -1,7 +1,10 @@
 """Small helpers the test modules share."""
 import hashlib
+import os
+import pathlib
 import socket
 import subprocess
+import sys
 
 CALL_TIMEOUT = 120
 
@@ -33,6 +36,23 @@ formatter = generic
 [formatter_generic]
 format = %(process)d %(levelname)s [%(name)s] %(message)s
 """
+
+
+# The operator command, run as a user would, by this interpreter; the test
+# folder is on its path for the persistent classes of the test databases.
+KMI = [sys.executable, '-m', 'keas.kmi.cli']
+KMI_ENV = dict(os.environ, PYTHONPATH=str(pathlib.Path(__file__).resolve().parent))
+
+
+def kmi(*args, check=False, env=None, timeout=600):
+    """``kmi ARGS``: its CompletedProcess (text). ``check``: an
+    AssertionError with its output unless it exits 0; ``env``: more variables."""
+    result = subprocess.run(KMI + [str(a) for a in args], capture_output=True, text=True,
+                            env=dict(KMI_ENV, **(env or {})), timeout=timeout,
+                            stdin=subprocess.DEVNULL)
+    if check and result.returncode != 0:
+        raise AssertionError('kmi %s: %s%s' % (args, result.stdout, result.stderr))
+    return result
 
 
 def md5hex(data):

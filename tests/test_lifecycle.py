@@ -5,7 +5,6 @@ import io
 import json
 import os
 import subprocess
-import sys
 import time
 
 import pytest
@@ -15,8 +14,8 @@ from keas.kmi import _kmi, lifecycle, wsgi
 from keas.kmi.facility import KeyManagementFacility, LocalKeyManagementFacility
 from keas.kmi.lifecycle import KeyStateError, TransitionError
 from keas.kmi import testing
+from support import kmi
 
-KMI = [sys.executable, '-m', 'keas.kmi.cli']
 PLAIN = b'Stephan Richter'
 STATES = ['active', 'deactivated', 'suspended', 'compromised', 'destroyed']
 # The path from active to each state (SP 800-57 allows no shortcut back).
@@ -27,11 +26,6 @@ PATHS = {
     'compromised': ['compromised'],
     'destroyed': ['deactivated', 'destroyed'],
 }
-
-
-def kmi(*args, env=None):
-    return subprocess.run([*KMI, *[str(a) for a in args]], capture_output=True, text=True,
-                          timeout=120, env=dict(os.environ, **(env or {})))
 
 
 class Small(KeyManagementFacility):

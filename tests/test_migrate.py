@@ -22,17 +22,13 @@ from keas.kmi.facility import V2_MAGIC
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from persistent_model import Secret  # noqa: E402
-
-KMI = [sys.executable, '-m', 'keas.kmi.cli']
-ENV = dict(os.environ, PYTHONPATH=str(HERE))
+import support  # noqa: E402
+from support import KMI, KMI_ENV  # noqa: E402
 
 
 def kmi(*args, check=True):
-    result = subprocess.run(KMI + [str(a) for a in args], capture_output=True,
-                            text=True, env=ENV, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError('kmi %s: %s%s' % (args, result.stdout, result.stderr))
-    return result
+    """``support.kmi``, checked unless told otherwise."""
+    return support.kmi(*args, check=check)
 
 
 @pytest.fixture
@@ -128,7 +124,7 @@ def test_reencrypt_zodb_killed_mid_run_and_run_again(keys, tmp_path):
         proc = subprocess.Popen(
             KMI + ['reencrypt-zodb', str(path), '--kek', str(kek_file),
                    '--keys', str(store), '--batch', '100'],
-            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            env=KMI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # Kill it once it has committed something, and before it is done.
         deadline = time.time() + 120
         while path.stat().st_size == before and proc.poll() is None:

@@ -4,7 +4,6 @@ server while an application keeps writing), then deactivating and
 destroying the old key."""
 import collections
 import hashlib
-import os
 import pathlib
 import random
 import re
@@ -30,18 +29,13 @@ from keas.kmi.persistent import decrypt_state, encrypt_state
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from persistent_model import Secret  # noqa: E402
-from support import free_port
-
-KMI = [sys.executable, '-m', 'keas.kmi.cli']
-ENV = dict(os.environ, PYTHONPATH=str(HERE))
+import support  # noqa: E402
+from support import KMI, KMI_ENV, free_port  # noqa: E402
 
 
 def kmi(*args, check=True):
-    result = subprocess.run(KMI + [str(a) for a in args], capture_output=True,
-                            text=True, env=ENV, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError('kmi %s: %s%s' % (args, result.stdout, result.stderr))
-    return result
+    """``support.kmi``, checked unless told otherwise."""
+    return support.kmi(*args, check=check)
 
 
 class Keys:
@@ -359,7 +353,7 @@ def test_reencrypt_zodb_to_killed_mid_run_and_run_again(keys, tmp_path):
     proc = subprocess.Popen(
         KMI + ['reencrypt-zodb', str(path), '--kek', str(keys.old_file),
                '--to', str(keys.new_file), '--keys', str(keys.store), '--batch', '100'],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        env=KMI_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while path.stat().st_size == before and proc.poll() is None:
         assert time.time() < deadline

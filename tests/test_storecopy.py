@@ -5,21 +5,12 @@ The command runs as a real process (the `kmi` console script's module).
 import os
 import re
 import subprocess
-import sys
 
 import pytest
 
 from keas.kmi.facility import KeyManagementFacility
 from keas.kmi.store import open_store
-from support import md5hex
-
-KMI = [sys.executable, '-m', 'keas.kmi.cli']
-
-
-def kmi(*args):
-    return subprocess.run([*KMI, *args], capture_output=True, text=True, timeout=300,
-                          stdin=subprocess.DEVNULL)
-
+from support import kmi, md5hex
 
 @pytest.fixture(scope='module')
 def real_keys(tmp_path_factory):
