@@ -76,62 +76,17 @@ MIGRATIONS = (
         hash text NOT NULL,
         fields text NOT NULL
     );
-    CREATE FUNCTION {schema}.audit_append(entry text, durable boolean)
+    -- Appends the entries to the chain; the head (last seq, hash) after them.
+    -- Only the two functions below, running as the owner, call it.
+    CREATE FUNCTION {schema}.audit_extend(entries text[])
         RETURNS TABLE (seq bigint, hash text)
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+        LANGUAGE plpgsql SET search_path = pg_catalog AS $$
     DECLARE
-        last_seq bigint;
-        prev_hash text;
-        new_hash text;
-    BEGIN
-        IF NOT durable THEN
-            -- A fetch: committed without waiting for the WAL flush, which the
-            -- WAL writer does within wal_writer_delay (200 ms by default).
-            PERFORM set_config('synchronous_commit', 'off', true);
-        END IF;
-        PERFORM pg_advisory_xact_lock({audit_lock});
-        SELECT a.seq, a.hash INTO last_seq, prev_hash
-            FROM {schema}.audit a ORDER BY a.seq DESC LIMIT 1;
-        IF NOT FOUND THEN
-            last_seq := 0;
-            prev_hash := repeat('0', 64);
-        END IF;
-        new_hash := encode(sha256(convert_to(
-            prev_hash || E'\n' || (last_seq + 1)::text || E'\n' || entry, 'UTF8')), 'hex');
-        INSERT INTO {schema}.audit VALUES (last_seq + 1, prev_hash, new_hash, entry);
-        RETURN QUERY SELECT last_seq + 1, new_hash;
-    END
-    $$;
-    REVOKE ALL ON FUNCTION {schema}.audit_append(text, boolean) FROM PUBLIC;
-    -- The fetch entries of a server's spool (keas.kmi.auditspool): the lines
-    -- of one spool file appended in one go, unless that spool was shipped
-    -- before; `done` names spools shipped and deleted since, to forget.
-    CREATE TABLE {schema}.audit_spool (
-        id text PRIMARY KEY,
-        shipped timestamptz NOT NULL DEFAULT now()
-    );
-    CREATE FUNCTION {schema}.audit_ship(spool text, lines text, done text[])
-        RETURNS bigint
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
-    DECLARE
-        entries text[];
-        prevs text[];
-        hashes text[];
         last_seq bigint;
         h text;
+        prevs text[];
+        hashes text[];
     BEGIN
-        -- Committed without waiting for the WAL flush (the WAL writer's, within
-        -- wal_writer_delay): a slow disk must not hold fetches up.
-        PERFORM set_config('synchronous_commit', 'off', true);
-        DELETE FROM {schema}.audit_spool a WHERE a.id = ANY (done);
-        INSERT INTO {schema}.audit_spool (id) VALUES (spool) ON CONFLICT DO NOTHING;
-        IF NOT FOUND THEN
-            RETURN 0;
-        END IF;
-        entries := string_to_array(rtrim(lines, E'\n'), E'\n');
-        IF coalesce(cardinality(entries), 0) = 0 THEN
-            RETURN 0;
-        END IF;
         PERFORM pg_advisory_xact_lock({audit_lock});
         SELECT a.seq, a.hash INTO last_seq, h
             FROM {schema}.audit a ORDER BY a.seq DESC LIMIT 1;
@@ -150,6 +105,49 @@ MIGRATIONS = (
         INSERT INTO {schema}.audit
             SELECT last_seq + u.n, u.p, u.x, u.f
             FROM unnest(prevs, hashes, entries) WITH ORDINALITY AS u (p, x, f, n);
+        RETURN QUERY SELECT last_seq + cardinality(entries), h;
+    END
+    $$;
+    REVOKE ALL ON FUNCTION {schema}.audit_extend(text[]) FROM PUBLIC;
+    CREATE FUNCTION {schema}.audit_append(entry text, durable boolean)
+        RETURNS TABLE (seq bigint, hash text)
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    BEGIN
+        IF NOT durable THEN
+            -- A fetch: committed without waiting for the WAL flush, which the
+            -- WAL writer does within wal_writer_delay (200 ms by default).
+            PERFORM set_config('synchronous_commit', 'off', true);
+        END IF;
+        RETURN QUERY SELECT * FROM {schema}.audit_extend(ARRAY[entry]);
+    END
+    $$;
+    REVOKE ALL ON FUNCTION {schema}.audit_append(text, boolean) FROM PUBLIC;
+    -- The fetch entries of a server's spool (keas.kmi.auditspool): the lines
+    -- of one spool file appended in one go, unless that spool was shipped
+    -- before; `done` names spools shipped and deleted since, to forget.
+    CREATE TABLE {schema}.audit_spool (
+        id text PRIMARY KEY,
+        shipped timestamptz NOT NULL DEFAULT now()
+    );
+    CREATE FUNCTION {schema}.audit_ship(spool text, lines text, done text[])
+        RETURNS bigint
+        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+    DECLARE
+        entries text[];
+    BEGIN
+        -- Committed without waiting for the WAL flush (the WAL writer's, within
+        -- wal_writer_delay): a slow disk must not hold fetches up.
+        PERFORM set_config('synchronous_commit', 'off', true);
+        DELETE FROM {schema}.audit_spool a WHERE a.id = ANY (done);
+        INSERT INTO {schema}.audit_spool (id) VALUES (spool) ON CONFLICT DO NOTHING;
+        IF NOT FOUND THEN
+            RETURN 0;
+        END IF;
+        entries := string_to_array(rtrim(lines, E'\n'), E'\n');
+        IF coalesce(cardinality(entries), 0) = 0 THEN
+            RETURN 0;
+        END IF;
+        PERFORM {schema}.audit_extend(entries);
         RETURN cardinality(entries);
     END
     $$;
