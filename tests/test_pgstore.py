@@ -659,6 +659,7 @@ def test_least_privilege_roles_of_the_readme(pg_cluster, least_privilege):
                       "UPDATE kmi.keys SET kid = 'x'", 'DELETE FROM kmi.keys',
                       "INSERT INTO kmi.audit VALUES (99, 'x', 'x', 'x')",
                       "UPDATE kmi.audit SET fields = 'x'", 'DELETE FROM kmi.audit',
+                      "SELECT kmi.audit_extend(ARRAY['forged'])",
                       'CREATE TABLE kmi.more (x int)', 'CREATE TABLE public.more (x int)',
                       'DROP TABLE kmi.keys', "INSERT INTO kmi.schema_version VALUES (9)"):
         with pytest.raises(psycopg.errors.InsufficientPrivilege):
