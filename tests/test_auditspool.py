@@ -146,6 +146,7 @@ def test_a_failed_rotation_does_not_stop_the_spool(pg_url, spool_dir, monkeypatc
     # After a shipment takes the file being written, opening the next one
     # fails once (a full disk): the next entry opens it, and nothing is
     # shipped twice or left behind.
+    monkeypatch.setattr(AuditSpool, 'INTERVAL', 3600)  # only the test ships
     store = open_store(pg_url, audit_spool=spool_dir)
     store.audit(event='fetch', name='a', outcome='ok')
     spool = store._db.spool()
@@ -157,6 +158,30 @@ def test_a_failed_rotation_does_not_stop_the_spool(pg_url, spool_dir, monkeypatc
             raise OSError(28, 'No space left on device')
         return real_open(self)
     monkeypatch.setattr(AuditSpool, '_open', open_once_failing)
+    assert spool.ship()
+    store.audit(event='fetch', name='b', outcome='ok')
+    assert spool.ship()
+    assert [e['name'] for e in table_entries(pg_url)] == ['a', 'b']
+    store.close()
+    assert os.listdir(spool_dir) == []
+
+
+def test_a_shipped_file_that_cannot_be_removed_is_not_shipped_twice(pg_url, spool_dir,
+                                                                     monkeypatch):
+    from keas.kmi import auditspool
+    monkeypatch.setattr(AuditSpool, 'INTERVAL', 3600)  # only the test ships
+    store = open_store(pg_url, audit_spool=spool_dir)
+    store.audit(event='fetch', name='a', outcome='ok')
+    spool = store._db.spool()
+    real_remove, calls = auditspool._remove, []
+
+    def remove_once_failing(path):
+        calls.append(path)
+        if len(calls) == 1:
+            raise PermissionError(13, 'Permission denied')
+        return real_remove(path)
+    monkeypatch.setattr(auditspool, '_remove', remove_once_failing)
+    assert not spool.ship()  # in the table, but its file is still there
     assert spool.ship()
     store.audit(event='fetch', name='b', outcome='ok')
     assert spool.ship()

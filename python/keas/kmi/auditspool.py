@@ -163,11 +163,15 @@ class AuditSpool:
                     lines = _complete_lines(path)
                     if lines:
                         self._ship(spool_id, lines, list(self._done))
-                        self._done = [spool_id]
+                        self._done = []  # forgotten by the database
+                    # Until the file is gone its id must stay remembered: a
+                    # second shipment of it then appends nothing.
+                    _remove(path)
                 except Exception as error:  # the database's, or the disk's
                     self._failure = one_line(error)
                     return False
-                _remove(path)
+                if lines:
+                    self._done = [spool_id]
                 os.close(fd)  # and with it the lock, once the file is gone
                 with self._lock:
                     self._written.pop(0)
@@ -251,9 +255,12 @@ def _ship_loop(ref):
         if spool is None or spool._closed:
             return
         wake, interval = spool._wake, spool.INTERVAL
-        if time.monotonic() - spool._adopted_at > spool.ADOPT_EVERY:
-            spool._adopt()
-        spool.ship()
+        try:
+            if time.monotonic() - spool._adopted_at > spool.ADOPT_EVERY:
+                spool._adopt()
+            spool.ship()
+        except Exception:  # never the end of shipping: the next round tries again
+            log.exception('audit spool %s: shipping failed', spool.directory)
         del spool
         wake.wait(interval)
         wake.clear()
